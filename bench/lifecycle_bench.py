@@ -1,0 +1,125 @@
+"""Benchmark: POST to FINISHED for the bundled example pipeline, and the service's own overhead.
+
+Runs the service in-process (create_app + the embedded worker, SQLite in a temporary folder, or
+TM_BENCH_DATABASE_URL) and drives it through HTTP with Flask's test client. For 1 and for 10 concurrent jobs it
+prints, per job:
+  total    = POST answered -> status FINISHED seen by the client
+  pipeline = the run's own time: run process start -> its result (includes the process start and kfp import)
+  overhead = total - pipeline: extraction, queueing, watching, zipping and storing the model, notifications.
+Usage: python bench/lifecycle_bench.py [--jobs 1,10]
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import io
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from trainingmgr import create_app  # noqa: E402
+from trainingmgr.config import Settings  # noqa: E402
+from trainingmgr.extensions import db  # noqa: E402
+from trainingmgr.models import TrainingJob  # noqa: E402
+
+JOBS = "/ai-ml-model-training/v1/training-jobs"
+
+
+def setup(client) -> None:
+    fg = {
+        "featuregroup_name": "bench_kpis", "feature_list": "prbUsageDl,prbUsageUl,activeUes,sinrMean,throughputDl",
+        "datalake_source": "CsvSource", "host": "", "port": "1", "bucket": "", "token": "", "db_org": "",
+        "measurement": "cell_kpis.csv", "enable_dme": False,
+    }
+    assert client.post("/ai-ml-model-training/v1/featureGroup", json=fg).status_code == 201
+    for name in ("qoe_training", "qoe_retraining"):
+        data = (ROOT / "examples" / "pipelines" / f"{name}.yaml").read_bytes()
+        r = client.post(f"/pipelines/{name}/upload", data={"file": (io.BytesIO(data), f"{name}.yaml")},
+                        content_type="multipart/form-data")
+        assert r.status_code == 200, r.get_json()
+
+
+def body(model: str) -> dict:
+    return {
+        "model_id": {"modelname": model, "modelversion": "1"},
+        "training_config": {
+            "description": "bench",
+            "dataPipeline": {"feature_group_name": "bench_kpis", "query_filter": "", "arguments": {"epochs": "2"}},
+            "trainingPipeline": {"pipeline_name": "qoe_training", "pipeline_version": "1",
+                                 "retraining_pipeline_name": "qoe_retraining", "retraining_pipeline_version": "1"},
+        },
+    }
+
+
+def one_job(app, model: str) -> tuple[int, float]:
+    client = app.test_client()
+    started = time.perf_counter()
+    job = client.post(JOBS, json=body(model)).get_json()
+    while True:
+        state = client.get(f"{JOBS}/{job['id']}").get_json()["status"]
+        if state in ("FINISHED", "FAILED"):
+            break
+        time.sleep(0.01)
+    assert state == "FINISHED", client.get(f"{JOBS}/{job['id']}").get_json()
+    return job["id"], time.perf_counter() - started
+
+
+def run(concurrency: int, database_url: str | None) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(data_dir=tmp, database_url=database_url or "", secret_key="bench", log_level="WARNING",
+                            max_concurrent_runs=max(4, concurrency), worker_threads=max(4, concurrency),
+                            worker_poll_seconds=0.05)
+        app = create_app(settings)
+        with app.app_context():
+            from flask_migrate import upgrade
+
+            upgrade()
+        setup(app.test_client())
+        app.extensions["trainingmgr"].start_worker(app)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+                results = list(pool.map(lambda i: one_job(app, f"bench_{concurrency}_{i}"), range(concurrency)))
+        finally:
+            app.extensions["trainingmgr"].stop_worker()
+        with app.app_context():
+            jobs = {j.id: j for j in db.session.scalars(select(TrainingJob))}
+            totals, pipelines, overheads, before, after = [], [], [], [], []
+            for job_id, total in results:
+                job = jobs[job_id]
+                pipeline = (job.run_ended_at - job.run_started_at).total_seconds()
+                totals.append(total)
+                pipelines.append(pipeline)
+                overheads.append(total - pipeline)
+                before.append((job.run_started_at - job.created_at).total_seconds())
+                after.append((job.finished_at - job.run_ended_at).total_seconds())
+            ends = [jobs[j].finished_at for j, _ in results]
+            spread = (max(ends) - min(ends)).total_seconds()
+    ms = lambda xs: f"median {statistics.median(xs) * 1000:7.0f} ms  max {max(xs) * 1000:7.0f} ms"  # noqa: E731
+    print(f"{concurrency:2d} concurrent job(s)")
+    print(f"   POST -> FINISHED : {ms(totals)}")
+    print(f"   pipeline run     : {ms(pipelines)}")
+    print(f"   service overhead : {ms(overheads)}")
+    print(f"     of which before the run (extraction, queue, start): {ms(before)}")
+    print(f"     of which after the run (model zipped and stored)  : {ms(after)}")
+    if concurrency > 1:
+        print(f"   FINISHED spread  : {spread * 1000:.0f} ms between the first and the last job")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", default="1,10", help="comma-separated concurrency levels")
+    parser.add_argument("--database-url", default=None, help="default: SQLite in a temporary folder")
+    args = parser.parse_args()
+    for level in (int(x) for x in args.jobs.split(",")):
+        run(level, args.database_url)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""api/swagger.yaml, the routes the app serves, the README and the migrations must agree."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+from openapi_spec_validator import validate
+
+from trainingmgr import PROJECT_ROOT, SWAGGER_FILE, create_app
+from trainingmgr.config import Settings
+
+HTTP_METHODS = {"get", "put", "post", "delete", "patch"}
+# Routes that are not API operations: Swagger UI's own assets.
+UNDOCUMENTED_ENDPOINTS = {"static", "docs.apidocs_asset", "docs.apidocs_init"}
+
+
+def load_spec() -> dict:
+    return yaml.safe_load(SWAGGER_FILE.read_text())
+
+
+def spec_operations(spec: dict) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+    built, not_built = set(), set()
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            if method not in HTTP_METHODS:
+                continue
+            (not_built if op.get("x-not-built") else built).add((method.upper(), path))
+    return built, not_built
+
+
+def served_operations(app) -> set[tuple[str, str]]:
+    served = set()
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint in UNDOCUMENTED_ENDPOINTS:
+            continue
+        path = re.sub(r"<(?:[a-z]+:)?([A-Za-z_]+)>", r"{\1}", rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            served.add((method, path))
+    return served
+
+
+@pytest.fixture(scope="module")
+def bare_app(tmp_path_factory):
+    # Routing only: no database is touched.
+    data = tmp_path_factory.mktemp("contract")
+    return create_app(Settings(data_dir=str(data), secret_key="k", log_level="WARNING"))
+
+
+def test_swagger_yaml_is_a_valid_swagger_document():
+    spec = load_spec()
+    assert spec["swagger"] == "2.0"
+    validate(spec)
+
+
+def test_every_served_route_is_in_the_contract_and_every_built_one_is_served(bare_app):
+    built, not_built = spec_operations(load_spec())
+    served = served_operations(bare_app)
+    assert served - built == set(), "served but missing from api/swagger.yaml (or marked x-not-built there)"
+    assert built - served == set(), "described in api/swagger.yaml but not served"
+    assert served & not_built == set()
+
+
+def test_not_built_routes_say_so_in_their_description():
+    _, not_built = spec_operations(load_spec())
+    spec = load_spec()
+    for method, path in not_built:
+        assert spec["paths"][path][method.lower()]["description"].startswith("(Not built yet.)"), (method, path)
+
+
+def test_swagger_yaml_and_ui_are_served_offline(bare_app):
+    client = bare_app.test_client()
+    raw = client.get("/swagger.yaml", headers={"Host": "tm.example:8080"})
+    assert raw.status_code == 200
+    assert raw.mimetype == "application/yaml"
+    served = yaml.safe_load(raw.data)
+    assert served["host"] == "tm.example:8080"  # the host the caller reached, for "Try it out"
+    assert {**served, "host": "localhost:32002"} == load_spec()
+    page = client.get("/apidocs")
+    assert page.status_code == 200 and b"swagger-ui" in page.data
+    assert b"http" not in page.data.replace(b"http-equiv", b""), "the page must not load anything from elsewhere"
+    assert b'url: "/swagger.yaml"' in client.get("/apidocs/init.js").data
+    bundle = client.get("/apidocs/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and len(bundle.data) > 100_000
+    assert client.get("/apidocs/../../trainingmgr/config.py").status_code == 404
+
+
+def test_readme_documents_every_setting():
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    for variable, default, _ in Settings.documented():
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{variable}`")), None)
+        assert row is not None, f"README has no row for {variable}"
+        assert f"`{default}`" in row or (default == "" and "(empty)" in row), f"README default of {variable}"
+
+
+def test_migrations_match_the_models(app):
+    """The migrated schema equals what the models declare: a model change without a migration fails here."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from trainingmgr.extensions import db
+    from trainingmgr.models import Base
+
+    with app.app_context(), db.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []

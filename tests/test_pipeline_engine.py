@@ -1,0 +1,370 @@
+"""The embedded pipeline engine with real kfp.local runs (no mocks): each run is a process of its own.
+
+The pipelines are compiled here from tiny components that need nothing but the Python running the tests.
+(No `from __future__ import annotations` here: kfp reads the components' annotations as real types.)
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from trainingmgr.adapters.base import AdapterError, RunStatus
+from trainingmgr.adapters.pipeline_engine import LOST, TERMINATED, LocalPipelineEngine, declared_parameters
+
+RUN_TIMEOUT = 60.0  # seconds a tiny run may take (usually well under 2)
+
+
+# ---------------------------------------------------------------------------------------------------- pipelines
+def _compile(folder: Path) -> dict[str, Path]:
+    from kfp import compiler, dsl
+    from kfp.dsl import Metrics, Model, Output
+
+    options = {"install_kfp_package": False, "packages_to_install": [], "base_image": "python:3.11"}
+
+    @dsl.component(**options)
+    def train(featurepath: str, epochs: str, model: Output[Model], metrics: Output[Metrics]):
+        import os
+
+        os.makedirs(model.path, exist_ok=True)
+        with open(os.path.join(model.path, "weights.txt"), "w") as f:
+            f.write(f"{featurepath} trained for {epochs} epochs")
+        metrics.log_metric("accuracy", 0.9)
+        metrics.log_metric("epochs", int(epochs))
+
+    @dsl.pipeline(name="succeeding")
+    def succeeding(featurepath: str, epochs: str = "1"):
+        train(featurepath=featurepath, epochs=epochs)
+
+    @dsl.component(**options)
+    def boom(message: str):
+        raise ValueError("boom: " + message)
+
+    @dsl.pipeline(name="failing")
+    def failing(message: str = "no message"):
+        boom(message=message)
+
+    @dsl.component(**options)
+    def sleep(seconds: int, model: Output[Model]):
+        import os
+        import time
+
+        print("zzz-task-started", flush=True)
+        time.sleep(seconds)
+        os.makedirs(model.path, exist_ok=True)
+
+    @dsl.pipeline(name="sleeping")
+    def sleeping(seconds: int = 30):
+        sleep(seconds=seconds)
+
+    files = {}
+    for name, pipeline in (("succeeding", succeeding), ("failing", failing), ("sleeping", sleeping)):
+        files[name] = folder / f"{name}.yaml"
+        compiler.Compiler().compile(pipeline, str(files[name]))
+    return files
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return _compile(tmp_path_factory.mktemp("pipelines"))
+
+
+@pytest.fixture
+def make_engine(tmp_path: Path):
+    """Engines on a fresh runs folder; every run still going at the end is terminated."""
+    engines: list[LocalPipelineEngine] = []
+
+    def make(max_concurrent: int = 4, **options) -> LocalPipelineEngine:
+        engine = LocalPipelineEngine(tmp_path / "runs", max_concurrent, **options)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        if engine.runs_dir.is_dir():
+            for run_dir in engine.runs_dir.iterdir():
+                if (run_dir / "pid").is_file():
+                    engine.terminate(run_dir.name)
+        # Runners that wrote their result may still be exiting: collect them (no zombie, no ResourceWarning).
+        for process in list(engine._children.values()):
+            process.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def wait_for(engine: LocalPipelineEngine, run_id: str, timeout: float = RUN_TIMEOUT) -> RunStatus:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = engine.run_status(run_id)
+        if status.state != "RUNNING":
+            return status
+        assert time.monotonic() < deadline, f"run {run_id} still RUNNING after {timeout} s"
+        time.sleep(0.1)
+
+
+def wait_until_task_runs(engine: LocalPipelineEngine, run_id: str, timeout: float = RUN_TIMEOUT) -> None:
+    """Until the sleeping task printed: the run's process group then holds the runner and the task."""
+    log = engine.runs_dir / run_id / "output.log"
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and "zzz-task-started" in log.read_text(errors="replace")):
+        assert engine.run_status(run_id).state == "RUNNING"
+        assert time.monotonic() < deadline, "the sleeping task did not start"
+        time.sleep(0.1)
+
+
+def pid_of(engine: LocalPipelineEngine, run_id: str) -> int:
+    return int((engine.runs_dir / run_id / "pid").read_text())
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of the group that are alive (zombies waiting for a parent's wait() do not count)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members
+
+
+# ---------------------------------------------------------------------------------------------------- outcomes
+def test_a_run_succeeds_with_its_model_folder_and_metrics(make_engine, pipelines):
+    engine = make_engine()
+    assert engine.register_version("succeeding", 1, pipelines["succeeding"], "") is None
+    run_id = engine.start_run("run-ok_1", pipelines["succeeding"], None, {"featurepath": "cells_7", "epochs": "3"})
+    assert run_id == "run-ok_1"
+    status = wait_for(engine, run_id)
+    assert status.state == "SUCCEEDED", status
+    assert status.error is None
+    assert status.metrics == {"accuracy": 0.9, "epochs": 3}
+    model = Path(status.model_path)
+    assert model.is_dir() and model.is_relative_to(engine.runs_dir / run_id)
+    assert (model / "weights.txt").read_text() == "cells_7 trained for 3 epochs"
+    assert (engine.runs_dir / run_id / "output.log").stat().st_size > 0
+    # A finished run keeps its answer.
+    assert engine.run_status(run_id) == status
+
+
+def test_a_failing_task_fails_the_run_with_its_error_without_colours(make_engine, pipelines):
+    engine = make_engine()
+    run_id = engine.start_run("run-fail", pipelines["failing"], None, {"message": "disk full"})
+    status = wait_for(engine, run_id)
+    assert status.state == "FAILED"
+    assert "boom" in status.error  # the task that failed
+    assert "ValueError: boom: disk full" in status.error  # and why
+    assert "\x1b" not in status.error
+    assert status.model_path is None and status.metrics == {}
+
+
+def test_a_missing_required_parameter_fails_the_run_and_says_which(make_engine, pipelines):
+    engine = make_engine()
+    run_id = engine.start_run("run-missing", pipelines["succeeding"], None, {"epochs": "1"})
+    status = wait_for(engine, run_id)
+    assert status.state == "FAILED"
+    assert "featurepath" in status.error and "\x1b" not in status.error
+
+
+def test_parameters_the_pipeline_does_not_declare_are_left_out(make_engine, pipelines):
+    assert declared_parameters(pipelines["succeeding"]) == {"featurepath", "epochs"}
+    assert declared_parameters(pipelines["sleeping"]) == {"seconds"}
+    engine = make_engine()
+    parameters = {"featurepath": "fg_1", "epochs": "2", "modelname": "qoe", "modelversion": "1", "trainingjob_id": "9"}
+    run_id = engine.start_run("run-params", pipelines["succeeding"], None, parameters)
+    request = json.loads((engine.runs_dir / run_id / "request.json").read_text())
+    assert request == {
+        "pipeline_file": str(pipelines["succeeding"].resolve()),
+        "parameters": {"featurepath": "fg_1", "epochs": "2"},
+    }
+    # kfp.local would have refused the unknown ones; the run succeeds.
+    assert wait_for(engine, run_id).state == "SUCCEEDED"
+
+
+def test_string_parameters_are_converted_to_the_declared_types(make_engine, pipelines):
+    engine = make_engine()
+    engine.start_run("run-int", pipelines["sleeping"], None, {"seconds": " 0 "})
+    request = json.loads((engine.runs_dir / "run-int" / "request.json").read_text())
+    assert request["parameters"] == {"seconds": 0}
+    assert wait_for(engine, "run-int").state == "SUCCEEDED"
+    # A value that is no integer goes as it is: kfp refuses it and the run says which input was wrong.
+    engine.start_run("run-notint", pipelines["sleeping"], None, {"seconds": "soon"})
+    status = wait_for(engine, "run-notint")
+    assert status.state == "FAILED" and "seconds" in status.error
+
+
+def test_runs_go_in_parallel(make_engine, pipelines):
+    engine = make_engine(max_concurrent=3)
+    ids = [f"par-{i}" for i in range(3)]
+    for i, run_id in enumerate(ids):
+        engine.start_run(run_id, pipelines["succeeding"], None, {"featurepath": f"fg_{i}", "epochs": str(i + 1)})
+    statuses = {run_id: wait_for(engine, run_id) for run_id in ids}
+    assert all(s.state == "SUCCEEDED" for s in statuses.values()), statuses
+    for i, run_id in enumerate(ids):
+        assert Path(statuses[run_id].model_path, "weights.txt").read_text() == f"fg_{i} trained for {i + 1} epochs"
+        assert statuses[run_id].metrics["epochs"] == i + 1
+    assert len({s.model_path for s in statuses.values()}) == 3
+    assert engine.capacity_left() == 3
+
+
+# ---------------------------------------------------------------------------------------------------- terminate, lost runs
+def test_terminate_kills_the_whole_process_group_and_the_run_reads_terminated(make_engine, pipelines):
+    engine = make_engine(max_concurrent=2, terminate_grace=3.0)
+    run_id = engine.start_run("run-term", pipelines["sleeping"], None, {"seconds": "30"})
+    wait_until_task_runs(engine, run_id)
+    pgid = pid_of(engine, run_id)
+    assert len(live_group_members(pgid)) >= 2  # the runner and its task
+    assert engine.capacity_left() == 1
+    started = time.monotonic()
+    engine.terminate(run_id)
+    assert time.monotonic() - started < 10
+    assert live_group_members(pgid) == []
+    assert engine.run_status(run_id) == RunStatus("FAILED", error=TERMINATED)
+    assert engine.capacity_left() == 2
+    # Terminating again, or terminating a run that ended on its own, changes nothing and raises nothing.
+    engine.terminate(run_id)
+    assert engine.run_status(run_id) == RunStatus("FAILED", error=TERMINATED)
+
+
+def test_terminate_leaves_a_finished_run_as_it_was(make_engine, pipelines):
+    engine = make_engine()
+    run_id = engine.start_run("run-done", pipelines["succeeding"], None, {"featurepath": "f"})
+    status = wait_for(engine, run_id)
+    engine.terminate(run_id)
+    assert engine.run_status(run_id) == status and status.state == "SUCCEEDED"
+
+
+def test_a_run_whose_process_was_killed_reads_as_lost(make_engine, pipelines):
+    engine = make_engine()
+    run_id = engine.start_run("run-lost", pipelines["sleeping"], None, {"seconds": "30"})
+    wait_until_task_runs(engine, run_id)
+    pgid = pid_of(engine, run_id)
+    os.killpg(pgid, signal.SIGKILL)  # as a machine restart would: no result.json is written
+    status = wait_for(engine, run_id, timeout=10)
+    assert status == RunStatus("FAILED", error=LOST)
+    assert not (engine.runs_dir / run_id / "result.json").exists()
+    assert engine.capacity_left() == 4
+
+
+def test_a_pid_reused_by_another_process_does_not_pass_for_the_run(make_engine, pipelines):
+    engine = make_engine()
+    run_id = engine.start_run("run-reused", pipelines["succeeding"], None, {"featurepath": "f"})
+    wait_for(engine, run_id)
+    run_dir = engine.runs_dir / run_id
+    (run_dir / "result.json").unlink()
+    (run_dir / "pid").write_text(str(os.getpid()))  # alive, but it is not this run
+    assert engine.run_status(run_id) == RunStatus("FAILED", error=LOST)
+    assert engine.capacity_left() == 4
+
+
+def test_a_run_started_by_an_earlier_service_process_is_followed(make_engine, pipelines):
+    """Another engine object (a restarted service, another worker process) reads the same runs."""
+    first = make_engine()
+    run_id = first.start_run("run-shared", pipelines["sleeping"], None, {"seconds": "30"})
+    wait_until_task_runs(first, run_id)
+    second = make_engine()
+    assert second.run_status(run_id).state == "RUNNING"
+    assert second.capacity_left() == 3
+    second.terminate(run_id)
+    assert first.run_status(run_id) == RunStatus("FAILED", error=TERMINATED)
+    assert live_group_members(pid_of(first, run_id)) == []
+
+
+# ---------------------------------------------------------------------------------------------------- capacity
+def test_capacity_counts_running_runs_and_a_full_engine_refuses_to_start(make_engine, pipelines):
+    engine = make_engine(max_concurrent=2)
+    assert engine.capacity_left() == 2
+    engine.start_run("cap-1", pipelines["sleeping"], None, {"seconds": "30"})
+    assert engine.capacity_left() == 1
+    engine.start_run("cap-2", pipelines["sleeping"], None, {"seconds": "30"})
+    assert engine.capacity_left() == 0
+    with pytest.raises(AdapterError) as refused:
+        engine.start_run("cap-3", pipelines["sleeping"], None, {"seconds": "30"})
+    assert refused.value.retryable
+    assert not (engine.runs_dir / "cap-3").exists()
+    engine.terminate("cap-1")
+    assert engine.capacity_left() == 1
+    engine.start_run("cap-3", pipelines["sleeping"], None, {"seconds": "30"})
+    assert engine.capacity_left() == 0
+
+
+def test_concurrent_starts_never_exceed_the_limit(make_engine, pipelines):
+    engine = make_engine(max_concurrent=2)
+    outcomes: dict[str, str] = {}
+    barrier = threading.Barrier(5)
+
+    def start(run_id: str) -> None:
+        barrier.wait()
+        try:
+            engine.start_run(run_id, pipelines["sleeping"], None, {"seconds": "30"})
+            outcomes[run_id] = "started"
+        except AdapterError as e:
+            outcomes[run_id] = "retry" if e.retryable else str(e)
+
+    threads = [threading.Thread(target=start, args=(f"race-{i}",)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes.values()) == ["retry", "retry", "retry", "started", "started"]
+    assert engine.capacity_left() == 0
+
+
+def test_starting_a_started_run_again_starts_nothing(make_engine, pipelines):
+    engine = make_engine()
+    engine.start_run("run-twice", pipelines["sleeping"], None, {"seconds": "30"})
+    pid = pid_of(engine, "run-twice")
+    assert engine.start_run("run-twice", pipelines["sleeping"], None, {"seconds": "30"}) == "run-twice"
+    assert pid_of(engine, "run-twice") == pid
+    assert engine.capacity_left() == 3
+
+
+# ---------------------------------------------------------------------------------------------------- cleanup, bad ids
+def test_cleanup_removes_the_run_folder_terminating_a_live_run(make_engine, pipelines):
+    engine = make_engine()
+    done = engine.start_run("clean-done", pipelines["succeeding"], None, {"featurepath": "f"})
+    wait_for(engine, done)
+    engine.cleanup(done)
+    assert not (engine.runs_dir / done).exists()
+    with pytest.raises(AdapterError):
+        engine.run_status(done)
+
+    live = engine.start_run("clean-live", pipelines["sleeping"], None, {"seconds": "30"})
+    wait_until_task_runs(engine, live)
+    pgid = pid_of(engine, live)
+    engine.cleanup(live)
+    assert not (engine.runs_dir / live).exists()
+    assert live_group_members(pgid) == []
+    # A second cleanup (a retried deletion) has nothing left to do.
+    engine.cleanup(live)
+
+
+def test_unknown_and_invalid_run_ids_are_adapter_errors(make_engine, pipelines):
+    engine = make_engine()
+    for call in (engine.run_status, engine.terminate):
+        with pytest.raises(AdapterError, match="unknown run"):
+            call("never-started")
+    for bad in ("../escape", "a/b", "", "x" * 129, "space d"):
+        with pytest.raises(AdapterError, match="invalid run id"):
+            engine.start_run(bad, pipelines["succeeding"], None, {})
+        with pytest.raises(AdapterError, match="invalid run id"):
+            engine.run_status(bad)
+    assert not (engine.runs_dir.parent / "escape").exists()
+
+
+def test_a_pipeline_file_that_is_missing_or_not_a_pipeline_is_refused(make_engine, tmp_path):
+    engine = make_engine()
+    with pytest.raises(AdapterError) as missing:
+        engine.start_run("bad-file", tmp_path / "nowhere.yaml", None, {})
+    assert not missing.value.retryable
+    not_yaml = tmp_path / "broken.yaml"
+    not_yaml.write_text("key: [unclosed")
+    with pytest.raises(AdapterError):
+        engine.start_run("bad-file", not_yaml, None, {})
+    assert not (engine.runs_dir / "bad-file").exists()

@@ -1,0 +1,45 @@
+"""/readyz checks every configured component; /metrics counts jobs, pending steps and requests."""
+import pytest
+
+from tests.test_serve import free_port
+from tests.test_training_lifecycle import setup  # noqa: F401  (fixture)
+from trainingmgr import create_app
+
+
+def test_ready_lists_every_component(client):
+    body = client.get("/readyz").get_json()
+    assert body == {"status": "ready", "checks": {"database": "ok", "object_store": "ok",
+                                                  "pipeline_engine": "ok", "data_extraction": "ok"}}
+
+
+def test_an_unreachable_object_store_makes_the_service_not_ready(settings):
+    app = create_app(settings.replace(object_store="s3", s3_endpoint=f"127.0.0.1:{free_port()}", http_timeout=1.0))
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["checks"]["object_store"] == "unreachable" and body["checks"]["database"] == "ok"
+    assert "object_store" in body["detail"]
+
+
+def test_metrics_count_jobs_steps_and_requests(setup_job_client):
+    client, job_id = setup_job_client
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.mimetype == "text/plain"
+    text = response.get_data(as_text=True)
+    assert 'trainingmgr_training_jobs{status="NOT_STARTED"} 1.0' in text
+    assert 'trainingmgr_training_jobs{status="FINISHED"} 0.0' in text
+    assert 'trainingmgr_pending_steps{kind="extract"} 1.0' in text
+    assert 'trainingmgr_http_requests_total{endpoint="training_jobs.create_training_job",method="POST",status="201"} 1.0' \
+        in text
+    client.get(f"/ai-ml-model-training/v1/training-jobs/{job_id + 1000}")
+    assert 'endpoint="training_jobs.get_training_job",method="GET",status="404"} 1.0' in \
+        client.get("/metrics").get_data(as_text=True)
+
+
+@pytest.fixture
+def setup_job_client(setup):
+    from tests.test_training_lifecycle import JOBS, job_request
+
+    job = setup.post(JOBS, json=job_request())
+    assert job.status_code == 201
+    return setup, job.get_json()["id"]

@@ -1,0 +1,88 @@
+"""trainingmgr: the Training Manager of an O-RAN AI/ML framework."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from flask import Flask
+from sqlalchemy import event
+
+from .config import Settings
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MIGRATIONS_DIR = PROJECT_ROOT / "migrations"
+SWAGGER_FILE = PROJECT_ROOT / "api" / "swagger.yaml"
+
+__all__ = ["create_app", "Settings"]
+
+
+def _engine_options(settings: Settings) -> dict[str, Any]:
+    if settings.is_sqlite:
+        # One connection per thread; wait for a busy database instead of failing at once.
+        return {"connect_args": {"timeout": 30, "check_same_thread": False}}
+    return {
+        "pool_pre_ping": True,
+        "pool_size": settings.db_pool_size,
+        "max_overflow": settings.db_max_overflow,
+        "pool_timeout": settings.db_pool_timeout,
+    }
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy, not pysqlite, open transactions (so SAVEPOINT works), enforce foreign keys and use WAL
+    # so readers do not block the writer.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    # IMMEDIATE: take the write lock at the start. A deferred transaction that reads and then writes fails at
+    # once with "database is locked" when another writer committed in between; waiting for the lock does not.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
+    """Build the application. `config` is a Settings, a mapping of Settings overrides, or None (environment)."""
+    from . import models  # noqa: F401  (registers the tables)
+    from .api import register_blueprints
+    from .api.metrics import install_metrics
+    from .container import Container
+    from .errors import register_error_handlers
+    from .extensions import db, migrate
+    from .logs import configure_logging, install_request_logging
+
+    if isinstance(config, Settings):
+        settings = config
+    else:
+        settings = Settings.from_env(**dict(config or {}))
+    configure_logging(settings.log_level)
+
+    app = Flask(__name__)
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=settings.sqlalchemy_url,
+        SQLALCHEMY_ENGINE_OPTIONS=_engine_options(settings),
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        TM_SETTINGS=settings,
+        TM_SWAGGER_FILE=SWAGGER_FILE,
+    )
+    app.json.sort_keys = False
+    if settings.is_sqlite:
+        settings.data_path.mkdir(parents=True, exist_ok=True)
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(MIGRATIONS_DIR), render_as_batch=True, compare_type=True)
+    if settings.is_sqlite:
+        with app.app_context():
+            event.listen(db.engine, "connect", _sqlite_pragmas)
+            event.listen(db.engine, "begin", _sqlite_begin)
+
+    app.extensions["trainingmgr"] = Container(settings)
+    install_request_logging(app)
+    register_error_handlers(app)
+    register_blueprints(app)
+    install_metrics(app)
+    return app

@@ -1,0 +1,125 @@
+"""The outside world, one interface per kind of peer. Each has an embedded and a real implementation,
+chosen by configuration in one place (the Container). Services talk only to these interfaces.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator, Mapping
+
+
+class AdapterError(Exception):
+    """A peer failed. `retryable` says whether trying again later may help (outage, timeout) or not (bad input)."""
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+# ------------------------------------------------------------------------------------------- data extraction
+@dataclass(frozen=True)
+class ExtractionRequest:
+    trainingjob_id: int
+    featurepath: str  # "<featuregroup>_<jobid>": the dataset's name
+    datalake_source: str  # InfluxSource | CsvSource | ParquetSource
+    feature_list: list[str]
+    query_filter: str
+    # The feature group's connection: host, port, bucket, db_org, measurement, token (clear), source_name.
+    source: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class ExtractionStatus:
+    state: str  # "IN_PROGRESS" | "COMPLETED" | "FAILED"
+    dataset_uri: str | None = None  # where the pipeline finds the dataset (set when COMPLETED)
+    rows: int | None = None
+    error: str | None = None
+
+
+class DataExtractor(abc.ABC):
+    @abc.abstractmethod
+    def start(self, request: ExtractionRequest) -> ExtractionStatus:
+        """Start (or, embedded, do) the extraction. Raises AdapterError."""
+
+    @abc.abstractmethod
+    def status(self, request: ExtractionRequest) -> ExtractionStatus:
+        """Where the extraction of this request stands now."""
+
+    @abc.abstractmethod
+    def remove(self, featurepath: str) -> None:
+        """Forget the dataset (the job was deleted)."""
+
+    def ready(self) -> bool:
+        return True
+
+
+# ------------------------------------------------------------------------------------------- object store
+class ObjectStore(abc.ABC):
+    """Models are kept under the reference's layout: bucket <modelname>, key <modelversion>/<artifactversion>/Model.zip."""
+
+    @abc.abstractmethod
+    def put_file(self, bucket: str, key: str, path: Path) -> None: ...
+
+    @abc.abstractmethod
+    def size(self, bucket: str, key: str) -> int | None:
+        """Bytes of the object, or None when it does not exist."""
+
+    @abc.abstractmethod
+    def stream(self, bucket: str, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The object's bytes in chunks, never the whole object in memory."""
+
+    @abc.abstractmethod
+    def delete(self, bucket: str, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def uri(self, bucket: str, key: str) -> str:
+        """Where a pipeline can read the object: a local path, or s3://bucket/key."""
+
+    def ready(self) -> bool:
+        return True
+
+
+# ------------------------------------------------------------------------------------------- pipeline engine
+@dataclass(frozen=True)
+class RunStatus:
+    state: str  # "RUNNING" | "SUCCEEDED" | "FAILED"
+    error: str | None = None
+    model_path: str | None = None  # the trained model (file or folder) on this machine, when SUCCEEDED
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class PipelineEngine(abc.ABC):
+    # How often the worker asks about a running run: a local file check is cheap, a remote call is not.
+    watch_interval: float = 0.1
+    @abc.abstractmethod
+    def register_version(self, pipeline_name: str, version: int, file_path: Path, description: str) -> str | None:
+        """Tell the engine about a new pipeline version; returns the engine's id for it (None: nothing to do)."""
+
+    @abc.abstractmethod
+    def start_run(self, run_id: str, file_path: Path, engine_ref: str | None, parameters: dict[str, str]) -> str:
+        """Start a run; returns the engine's run id."""
+
+    @abc.abstractmethod
+    def run_status(self, run_id: str) -> RunStatus: ...
+
+    @abc.abstractmethod
+    def terminate(self, run_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def cleanup(self, run_id: str) -> None:
+        """Remove what the run left on this machine."""
+
+    @abc.abstractmethod
+    def capacity_left(self) -> int:
+        """How many more runs may start now."""
+
+    def ready(self) -> bool:
+        return True
+
+
+# ------------------------------------------------------------------------------------------- notifier
+class Notifier(abc.ABC):
+    @abc.abstractmethod
+    def send(self, url: str, body: Any, delivery_id: str) -> bool:
+        """POST body to url once (bounded time). True when the receiver answered 200."""

@@ -1,0 +1,395 @@
+"""The embedded pipeline engine: each run is `python -m trainingmgr.adapters.kfp_local_runner RUN_DIR`.
+
+A run is a folder <runs_dir>/<run_id>/ holding everything about it, so that any process of the service (and a
+restarted one) can answer for it:
+  request.json  {"pipeline_file", "parameters"} for the runner
+  pid           the runner's pid; it leads a process group (session) of its own, the run's tasks included
+  output.log    the runner's stdout and stderr (kfp.local's log and every task's output)
+  result.json   written once at the end, atomically: {"state": "SUCCEEDED"|"FAILED", "error", "model_path", "metrics"}
+  root/         kfp.local's pipeline_root: the tasks' outputs
+
+kfp.local has no registry: the service keeps pipelines itself, so register_version has nothing to do.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from .base import AdapterError, PipelineEngine, RunStatus
+
+log = logging.getLogger(__name__)
+
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+RUNNER_MODULE = "trainingmgr.adapters.kfp_local_runner"
+LOST = "the run's process ended without a result"
+TERMINATED = "terminated"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# How much of the end of output.log is searched for the failed task's exception.
+LOG_TAIL_BYTES = 64 * 1024
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)
+
+
+# ------------------------------------------------------------------------------------------- pipeline files
+def _load_spec(file_path: Path) -> dict[str, Any]:
+    """The pipeline spec: the first YAML document of a compiled pipeline (a second one may hold platform config)."""
+    try:
+        with open(file_path, encoding="utf-8") as f:
+            document = next(yaml.safe_load_all(f), None)
+    except FileNotFoundError:
+        raise AdapterError(f"pipeline file {file_path} does not exist") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise AdapterError(f"pipeline file {file_path} cannot be read: {e.__class__.__name__}") from None
+    if not isinstance(document, dict):
+        raise AdapterError(f"pipeline file {file_path} is not a compiled pipeline")
+    return document
+
+
+def _parameter_definitions(spec: dict[str, Any]) -> dict[str, Any]:
+    root = spec.get("root")
+    inputs = root.get("inputDefinitions") if isinstance(root, dict) else None
+    parameters = inputs.get("parameters") if isinstance(inputs, dict) else None
+    return parameters if isinstance(parameters, dict) else {}
+
+
+def _coerce(value: Any, definition: Any) -> Any:
+    """A string parameter turned into the type the pipeline declares for it ("3" for an int is 3).
+
+    Callers pass every parameter as a string (the reference's pipelines declare strings); a value that does not
+    convert is passed unchanged, and kfp fails the run saying which input has the wrong type.
+    """
+    kind = definition.get("parameterType") if isinstance(definition, dict) else None
+    if not isinstance(value, str) or kind in (None, "STRING"):
+        return value
+    text = value.strip()
+    try:
+        if kind == "NUMBER_INTEGER":
+            return int(text)
+        if kind == "NUMBER_DOUBLE":
+            return float(text)
+        if kind == "BOOLEAN":
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            return value
+        if kind in ("LIST", "STRUCT"):
+            parsed = json.loads(text)
+            expected = list if kind == "LIST" else dict
+            return parsed if isinstance(parsed, expected) else value
+    except ValueError:
+        return value
+    return value
+
+
+def declared_parameters(file_path: Path) -> set[str]:
+    """The names of the parameters the compiled pipeline declares (root.inputDefinitions.parameters)."""
+    return set(_parameter_definitions(_load_spec(Path(file_path))))
+
+
+# ------------------------------------------------------------------------------------------- processes
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, process group id) of a process from /proc, or None when it does not exist."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return None
+    # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split after the last ')'.
+    fields = raw[raw.rfind(")") + 2 :].split()
+    try:
+        return fields[0], int(fields[2])
+    except (IndexError, ValueError):
+        return None
+
+
+def _process_runs(pid: int, run_dir: Path) -> bool:
+    """True when `pid` is a live (not zombie) process whose command line names `run_dir` (guards against pid reuse)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user: the command line decides
+    if not Path("/proc").is_dir():
+        return True  # no /proc to look closer (not Linux): trust the signal check
+    stat = _proc_stat(pid)
+    if stat is None or stat[0] in ("Z", "X"):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return os.fsencode(str(run_dir)) in cmdline
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while a live (not zombie) process remains in the process group."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _proc_stat(int(entry.name))
+        if stat is not None and stat[1] == pgid and stat[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _last_exception(log_path: Path) -> str | None:
+    """The exception line of the last Python traceback near the end of the run's log ("ValueError: ...")."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - LOG_TAIL_BYTES))
+            lines = ANSI.sub("", f.read().decode("utf-8", "replace")).splitlines()
+    except OSError:
+        return None
+    starts = [i for i, line in enumerate(lines) if line.strip() == "Traceback (most recent call last):"]
+    if not starts:
+        return None
+    indent = len(lines[starts[-1]]) - len(lines[starts[-1]].lstrip())
+    for line in lines[starts[-1] + 1 :]:
+        # The frames are indented deeper than "Traceback"; the exception line is level with it.
+        if line.strip() and len(line) - len(line.lstrip()) == indent:
+            return line.strip()[:500]
+    return None
+
+
+# ------------------------------------------------------------------------------------------- the engine
+class LocalPipelineEngine(PipelineEngine):
+    """kfp.local runs in processes of their own, at most `max_concurrent` at once.
+
+    Everything is kept in the run folders, so several threads, several processes of the service and a restarted
+    service all see the same runs. Starting is serialised (a thread lock and a lock file) so the limit holds.
+    """
+
+    def __init__(self, runs_dir: Path, max_concurrent: int, *, terminate_grace: float = 5.0):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.max_concurrent = max_concurrent
+        self.terminate_grace = terminate_grace
+        self._lock = threading.RLock()
+        # Runners this process started and has not reaped yet (reaping makes a finished runner's pid vanish).
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    # ------------------------------------------------------------------ PipelineEngine
+    def register_version(self, pipeline_name: str, version: int, file_path: Path, description: str) -> str | None:
+        return None
+
+    def start_run(self, run_id: str, file_path: Path, engine_ref: str | None, parameters: dict[str, str]) -> str:
+        """Start the run. Starting a run_id that already started does nothing (a retried step may do that).
+
+        Parameters the pipeline does not declare are left out; string values are converted to the declared type
+        (int, float, bool, list or object) where they convert. Raises AdapterError: retryable when every slot is
+        taken, not retryable for a bad run id or an unreadable pipeline file.
+        """
+        run_dir = self._run_dir(run_id)
+        file_path = Path(file_path).resolve()
+        declared = _parameter_definitions(_load_spec(file_path))
+        dropped = sorted(set(parameters) - set(declared))
+        if dropped:
+            log.info("parameters not declared by the pipeline left out", extra={"run_id": run_id, "dropped": dropped})
+        request = {
+            "pipeline_file": str(file_path),
+            "parameters": {k: _coerce(v, declared[k]) for k, v in parameters.items() if k in declared},
+        }
+        with self._start_lock():
+            if (run_dir / "pid").exists():
+                return run_id
+            if self._capacity_left() <= 0:
+                raise AdapterError(f"all {self.max_concurrent} run slots are taken", retryable=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "result.json").unlink(missing_ok=True)
+            _write_atomic(run_dir / "request.json", json.dumps(request))
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+            env["PYTHONUNBUFFERED"] = "1"
+            try:
+                with open(run_dir / "output.log", "ab") as output:
+                    process = subprocess.Popen(
+                        [sys.executable, "-m", RUNNER_MODULE, str(run_dir)],
+                        stdin=subprocess.DEVNULL,
+                        stdout=output,
+                        stderr=subprocess.STDOUT,
+                        cwd=run_dir,
+                        env=env,
+                        close_fds=True,
+                        start_new_session=True,  # survives a restart of the service; terminate kills the group
+                    )
+            except OSError as e:
+                raise AdapterError(f"the run could not start: {e}", retryable=True) from None
+            self._children[run_id] = process
+            _write_atomic(run_dir / "pid", str(process.pid))
+        log.info("pipeline run started", extra={"run_id": run_id, "pid": process.pid})
+        return run_id
+
+    def run_status(self, run_id: str) -> RunStatus:
+        run_dir = self._existing(run_id)
+        self._reap()
+        result = self._result(run_dir)
+        if result is not None:
+            return result
+        if self._alive(run_dir):
+            return RunStatus("RUNNING")
+        # It may have written its result between the two looks.
+        return self._result(run_dir) or RunStatus("FAILED", error=LOST)
+
+    def terminate(self, run_id: str) -> None:
+        """Stop the run (SIGTERM to its process group, SIGKILL after the grace period). Ended already: no change."""
+        run_dir = self._existing(run_id)
+        self._reap()
+        if (run_dir / "result.json").exists():
+            return
+        pid = self._pid(run_dir)
+        if self._alive(run_dir):
+            _signal_group(pid, signal.SIGTERM)
+            if not self._wait_group(run_id, pid, self.terminate_grace):
+                _signal_group(pid, signal.SIGKILL)
+                self._wait_group(run_id, pid, 5.0)
+            log.info("pipeline run terminated", extra={"run_id": run_id, "pid": pid})
+        if not (run_dir / "result.json").exists():
+            _write_atomic(run_dir / "result.json", json.dumps({"state": "FAILED", "error": TERMINATED}))
+
+    def cleanup(self, run_id: str) -> None:
+        """Remove the run's folder (terminating the run first if it still runs). A run already gone: nothing to do."""
+        run_dir = self._run_dir(run_id)
+        if not run_dir.is_dir():
+            return
+        if (run_dir / "pid").exists() and self._alive(run_dir):
+            self.terminate(run_id)
+        self._reap()  # a runner that wrote its result may still be exiting: _reap collects it later
+        shutil.rmtree(run_dir, ignore_errors=True)
+        log.info("pipeline run cleaned up", extra={"run_id": run_id})
+
+    def capacity_left(self) -> int:
+        self._reap()
+        return self._capacity_left()
+
+    # ------------------------------------------------------------------ helpers
+    def _run_dir(self, run_id: str) -> Path:
+        if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+            raise AdapterError(f"invalid run id {run_id!r}: 1 to 128 letters, digits, '-' or '_'")
+        return self.runs_dir / run_id
+
+    def _existing(self, run_id: str) -> Path:
+        """The folder of a run that was started; AdapterError for any other run id."""
+        run_dir = self._run_dir(run_id)
+        if not (run_dir / "pid").is_file():
+            raise AdapterError(f"unknown run {run_id!r}")
+        return run_dir
+
+    @contextmanager
+    def _start_lock(self) -> Iterator[None]:
+        """Serialises starts among the threads of this process and the processes sharing runs_dir."""
+        with self._lock:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.runs_dir / ".start.lock", "a") as lock_file:
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def _reap(self) -> None:
+        """Collect the exit status of runners this process started, so ended ones do not linger as zombies."""
+        with self._lock:
+            for run_id, process in list(self._children.items()):
+                if process.poll() is not None:
+                    del self._children[run_id]
+
+    def _pid(self, run_dir: Path) -> int:
+        try:
+            return int((run_dir / "pid").read_text().strip())
+        except (OSError, ValueError):
+            return 0
+
+    def _alive(self, run_dir: Path) -> bool:
+        # A child of this process is judged by its handle: right after the fork, before the exec, its command
+        # line is still ours and would not name the run.
+        pid = self._pid(run_dir)
+        child = self._children.get(run_dir.name)
+        if child is not None and child.pid == pid and child.poll() is None:
+            return True
+        return pid > 0 and _process_runs(pid, run_dir)
+
+    def _capacity_left(self) -> int:
+        running = 0
+        if self.runs_dir.is_dir():
+            for run_dir in self.runs_dir.iterdir():
+                if run_dir.is_dir() and not (run_dir / "result.json").exists() and self._alive(run_dir):
+                    running += 1
+        return max(0, self.max_concurrent - running)
+
+    def _wait_group(self, run_id: str, pgid: int, seconds: float) -> bool:
+        """Wait until no live process is left in the group; False when the time ran out first."""
+        deadline = time.monotonic() + seconds
+        while True:
+            with self._lock:
+                process = self._children.get(run_id)
+            if process is not None:
+                process.poll()  # reap the runner, else it stays in the group as a zombie
+            if not _group_alive(pgid):
+                self._reap()
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    def _result(self, run_dir: Path) -> RunStatus | None:
+        try:
+            data = json.loads((run_dir / "result.json").read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return RunStatus("FAILED", error="the run's result cannot be read")
+        if not isinstance(data, dict):
+            return RunStatus("FAILED", error="the run's result cannot be read")
+        if data.get("state") == "SUCCEEDED":
+            metrics = data.get("metrics")
+            return RunStatus(
+                "SUCCEEDED",
+                model_path=data.get("model_path"),
+                metrics=metrics if isinstance(metrics, dict) else {},
+            )
+        error = ANSI.sub("", str(data.get("error") or "the run failed"))
+        if error != TERMINATED:
+            # kfp.local only says which task failed; the task's own exception is in the log.
+            cause = _last_exception(run_dir / "output.log")
+            if cause and cause not in error:
+                error = f"{error} {cause}"
+        return RunStatus("FAILED", error=error)

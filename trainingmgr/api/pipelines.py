@@ -1,0 +1,87 @@
+"""Pipeline and experiment routes, at the reference's paths.
+
+`GET /pipelines/experiments` is a static route: werkzeug ranks it before `GET /pipelines/<pipeline_name>`.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import Blueprint, g, request
+
+from ..errors import BadRequest
+from ..models import Pipeline
+from .common import services
+
+
+bp = Blueprint("pipelines", __name__)
+
+
+def _iso(moment: datetime) -> str:
+    # SQLite gives the stored UTC time back without its zone.
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _pipeline_view(pipeline: Pipeline) -> dict[str, Any]:
+    return {
+        "pipeline_id": str(pipeline.id),
+        "display_name": pipeline.name,
+        "description": pipeline.description or "",
+        "created_at": _iso(pipeline.created_at),
+    }
+
+
+@bp.post("/pipelines/<pipe_name>/upload")
+def upload_pipeline(pipe_name: str):
+    # The reference's upload clients read errors from `result`: every error of this route carries it.
+    g.problem_result_key = True
+    if request.mimetype != "multipart/form-data":
+        raise BadRequest(
+            "Send the compiled pipeline as multipart/form-data in the field 'file', "
+            f"not as {request.content_type or 'a body without Content-Type'}"
+        )
+    upload = request.files.get("file")  # parsing the form enforces the body limit (413)
+    if upload is None:
+        raise BadRequest("The field 'file' is required: the compiled pipeline (YAML) to upload")
+    content = upload.read()
+    description = request.form.get("description", "")
+    version = services().pipelines().upload(pipe_name, content, description)
+    return {
+        "result": f"Pipeline {pipe_name} version {version.number} uploaded",
+        "pipeline_name": pipe_name,
+        "version": version.version,
+    }
+
+
+@bp.get("/pipelines")
+def list_pipelines():
+    pipelines = services().pipelines().list_pipelines()
+    return {
+        "pipeline_names": [p.name for p in pipelines],
+        # The reference's richer list, still read by its dashboard.
+        "pipelines": [_pipeline_view(p) for p in pipelines],
+        "total_size": len(pipelines),
+        "next_page_token": "",
+    }
+
+
+@bp.get("/experiments")
+@bp.get("/pipelines/experiments", endpoint="list_experiments_legacy")
+def list_experiments():
+    return {"experiment_names": services().pipelines().list_experiment_names()}
+
+
+@bp.get("/pipelines/<pipeline_name>")
+def get_pipeline(pipeline_name: str):
+    service = services().pipelines()
+    pipeline = service.get_pipeline(pipeline_name)
+    versions = service.list_versions(pipeline_name)
+    return {"pipeline_info": {**_pipeline_view(pipeline), "versions": [v.version for v in versions]}}
+
+
+@bp.get("/pipelines/<pipeline_name>/versions")
+def list_pipeline_versions(pipeline_name: str):
+    versions = services().pipelines().list_versions(pipeline_name)
+    return {"versions_list": [v.version for v in versions]}

@@ -1,0 +1,130 @@
+"""Training-job routes (R1AP style) and the older `/trainingjobs/{name}/{version}`."""
+from __future__ import annotations
+
+from flask import Blueprint, request, url_for
+
+from ..errors import BadRequest, NotFound
+from ..schemas.training_job import ModelTrainingRequestSchema, dump_training_job
+from ..services import lifecycle as lc
+from ..services.pagination import page_request
+from ..services.training_jobs import DEFAULT_EXPERIMENT
+from .common import json_body, load, next_link, services
+
+bp = Blueprint("training_jobs", __name__)
+
+V1 = "/ai-ml-model-training/v1/training-jobs"
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+
+_request_schema = ModelTrainingRequestSchema()
+
+
+def _dump(job) -> dict:
+    # Formatted rather than url_for: lists dump 100 jobs per request, and url_for was a sixth of that time.
+    return dump_training_job(job, metrics_url=f"{request.script_root}{V1}/get-model-metrics/{job.id}")
+
+
+def _page():
+    return page_request(request.args, default_limit=DEFAULT_PAGE, max_limit=MAX_PAGE, key_type=int)
+
+
+@bp.post(V1, strict_slashes=False)
+def create_training_job():
+    data = load(_request_schema, json_body())
+    job = services().training_jobs().create(data)
+    services().wake_workers()
+    return _dump(job), 201, {"Location": url_for(".get_training_job", training_job_id=job.id)}
+
+
+@bp.get(V1, strict_slashes=False)
+def list_training_jobs():
+    page_req = _page()
+    page = services().training_jobs().list(page_req)
+    return [_dump(job) for job in page.items], 200, next_link(page, page_req.limit)
+
+
+@bp.get(f"{V1}/<int:training_job_id>")
+def get_training_job(training_job_id: int):
+    return _dump(services().training_jobs().get(training_job_id))
+
+
+@bp.delete(f"{V1}/<int:training_job_id>")
+def delete_training_job(training_job_id: int):
+    delete_model = request.args.get("delete_model", "false").lower()
+    if delete_model not in ("true", "false"):
+        raise BadRequest("delete_model must be true or false")
+    services().training_jobs().delete(training_job_id, delete_model=delete_model == "true")
+    return "", 204
+
+
+@bp.get(f"{V1}/<int:training_job_id>/status")
+def get_training_job_status(training_job_id: int):
+    return lc.ordered(services().training_jobs().get(training_job_id).steps_state)
+
+
+@bp.get(f"{V1}/<model_name>/<model_version>")
+def list_training_jobs_of_model(model_name: str, model_version: str):
+    page_req = _page()
+    page = services().training_jobs().list(page_req, modelname=model_name, modelversion=model_version)
+    return [_dump(job) for job in page.items], 200, next_link(page, page_req.limit)
+
+
+def _job_id(raw: str) -> int:
+    """A job id taken as a string, so that "abc" is a 400 here rather than a match of the model-list route."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
+        raise BadRequest(f"Invalid training job id {raw!r}: a positive integer")
+    return int(raw)
+
+
+@bp.get(f"{V1}/get-model-metrics/<trainingjob_id>")
+def get_model_metrics(trainingjob_id: str):
+    return services().training_jobs().metrics(_job_id(trainingjob_id))
+
+
+@bp.post(f"{V1}/update-model-metrics/<trainingjob_id>")
+def update_model_metrics(trainingjob_id: str):
+    job_id = _job_id(trainingjob_id)
+    metrics = services().training_jobs().update_metrics(job_id, json_body())
+    return {"result": f"Model metrics of training job {job_id} saved", "metrics": metrics}
+
+
+@bp.get("/trainingjobs/<trainingjob_name>/<version>")
+def get_training_job_legacy(trainingjob_name: str, version: str):
+    # Not an <int:> converter: a version that is not a positive integer is a 400 (swagger.yaml), not an unknown route.
+    if not (version.isascii() and version.isdigit()):
+        raise BadRequest(f"version must be a positive integer, not {version!r}")
+    digits = version.lstrip("0") or "0"
+    if len(digits) > 19:  # more than any id; int() would also refuse more than 4300 digits
+        raise NotFound(f"Training job {trainingjob_name!r} version {version} does not exist")
+    number = int(digits)
+    service = services().training_jobs()
+    job = service.nth_training(trainingjob_name, number)
+    config = job.training_config
+    fg = job.feature_group
+    return {
+        "trainingjob": {
+            "trainingjob_name": job.model.modelname,
+            "description": config.get("description", ""),
+            "feature_list": fg.feature_list,
+            "pipeline_name": config["trainingPipeline"][
+                "retraining_pipeline_name" if job.is_retraining else "pipeline_name"],
+            "experiment_name": DEFAULT_EXPERIMENT,
+            "arguments": config["dataPipeline"].get("arguments", {}),
+            "query_filter": config["dataPipeline"].get("query_filter", ""),
+            "creation_time": job.created_at.isoformat(),
+            "run_id": job.run_id or "",
+            "steps_state": lc.ordered(job.steps_state),
+            "accuracy": job.metrics or {},
+            "enable_versioning": True,
+            "updation_time": job.updated_at.isoformat(),
+            "version": number,
+            "pipeline_version": config["trainingPipeline"][
+                "retraining_pipeline_version" if job.is_retraining else "pipeline_version"],
+            "datalake_source": fg.datalake_source,
+            "model_url": job.model_url or "",
+            "notification_url": job.notification_url or "",
+            "is_mme": False,
+            "model_name": job.model.modelname,
+            "model_info": {"modelversion": job.model.modelversion, "artifactversion": job.artifact_version},
+            "id": job.id,
+        }
+    }

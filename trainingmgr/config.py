@@ -1,0 +1,254 @@
+"""Settings: every TM_* environment variable, its default and its meaning, in one object.
+
+The README's settings table is the user-facing copy of this file; keep them in step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Mapping
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """A TM_* variable holds a value the service cannot use."""
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SettingsError(f"{name} must be true or false, not {raw!r}")
+
+
+def _int(name: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, not {raw!r}") from None
+
+
+def _float(name: str, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, not {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Each field's metadata["env"] names its environment variable and ["doc"] says what it does.
+    host: str = field(default="0.0.0.0", metadata={"env": "TM_HOST", "doc": "address to listen on"})
+    port: int = field(default=32002, metadata={"env": "TM_PORT", "doc": "port to listen on"})
+    workers: int = field(default=2, metadata={"env": "TM_WORKERS", "doc": "gunicorn worker processes"})
+    threads: int = field(default=4, metadata={"env": "TM_THREADS", "doc": "threads per gunicorn worker"})
+    data_dir: str = field(
+        default="data", metadata={"env": "TM_DATA_DIR", "doc": "folder for the SQLite file, key file and local stores"}
+    )
+    database_url: str = field(
+        default="",
+        metadata={
+            "env": "TM_DATABASE_URL",
+            "doc": "SQLAlchemy URL; empty means sqlite:///<TM_DATA_DIR>/trainingmgr.db. "
+            "PostgreSQL: postgresql+psycopg2://user:pass@host:5432/db",
+        },
+    )
+    db_pool_size: int = field(default=5, metadata={"env": "TM_DB_POOL_SIZE", "doc": "PostgreSQL pool size per process"})
+    db_max_overflow: int = field(
+        default=10, metadata={"env": "TM_DB_MAX_OVERFLOW", "doc": "PostgreSQL connections beyond the pool size"}
+    )
+    db_pool_timeout: int = field(
+        default=10, metadata={"env": "TM_DB_POOL_TIMEOUT", "doc": "seconds to wait for a pooled connection"}
+    )
+    log_level: str = field(default="INFO", metadata={"env": "TM_LOG_LEVEL", "doc": "DEBUG, INFO, WARNING or ERROR"})
+    max_body_bytes: int = field(
+        default=16 * 1024 * 1024,
+        metadata={"env": "TM_MAX_BODY_BYTES", "doc": "largest request body accepted (413 above it)"},
+    )
+    secret_key: str = field(
+        default="",
+        metadata={
+            "env": "TM_SECRET_KEY",
+            "doc": "key(s) encrypting feature-group tokens at rest, comma-separated (first encrypts, all decrypt); "
+            "empty means a key generated once into <TM_DATA_DIR>/secret.key",
+        },
+    )
+
+    advertised_url: str = field(
+        default="",
+        metadata={
+            "env": "TM_ADVERTISED_URL",
+            "doc": "base URL clients reach the service at, used in model_url; empty means http://<hostname>:<TM_PORT>",
+        },
+    )
+    pipeline_engine: str = field(
+        default="local",
+        metadata={"env": "TM_PIPELINE_ENGINE", "doc": "local (kfp.local, runs in subprocesses) or kfp (a KFP server)"},
+    )
+    max_concurrent_runs: int = field(
+        default=4, metadata={"env": "TM_MAX_CONCURRENT_RUNS", "doc": "pipeline runs at once (local engine)"}
+    )
+    object_store: str = field(
+        default="local", metadata={"env": "TM_OBJECT_STORE", "doc": "local (<TM_DATA_DIR>/models) or s3 (MinIO)"}
+    )
+    data_extraction: str = field(
+        default="embedded",
+        metadata={"env": "TM_DATA_EXTRACTION", "doc": "embedded (in-process reader) or remote (data-extraction service)"},
+    )
+    file_source_dirs: str = field(
+        default="",
+        metadata={
+            "env": "TM_FILE_SOURCE_DIRS",
+            "doc": "folders (separated by ':') that CsvSource/ParquetSource feature groups may read from; "
+            "empty means <TM_DATA_DIR>/sources and the bundled examples/data",
+        },
+    )
+    extraction_deadline: int = field(
+        default=3600, metadata={"env": "TM_EXTRACTION_DEADLINE", "doc": "seconds data extraction may take"}
+    )
+    training_deadline: int = field(
+        default=86400, metadata={"env": "TM_TRAINING_DEADLINE", "doc": "seconds a pipeline run may take"}
+    )
+    embedded_worker: bool = field(
+        default=True,
+        metadata={
+            "env": "TM_EMBEDDED_WORKER",
+            "doc": "run job steps in threads of the server; false when separate `trainingmgr worker` processes do",
+        },
+    )
+    worker_threads: int = field(default=4, metadata={"env": "TM_WORKER_THREADS", "doc": "threads per worker"})
+    worker_poll_seconds: float = field(
+        default=0.5, metadata={"env": "TM_WORKER_POLL_SECONDS", "doc": "how often an idle worker looks for work"}
+    )
+    lease_seconds: int = field(
+        default=60, metadata={"env": "TM_LEASE_SECONDS", "doc": "a claimed step returns to the queue after this long"}
+    )
+    notify_timeout: float = field(
+        default=5.0, metadata={"env": "TM_NOTIFY_TIMEOUT", "doc": "seconds one rApp notification may take"}
+    )
+    notify_attempts: int = field(
+        default=5, metadata={"env": "TM_NOTIFY_ATTEMPTS", "doc": "tries of each rApp notification (backoff between)"}
+    )
+    notify_hmac_key: str = field(
+        default="",
+        metadata={"env": "TM_NOTIFY_HMAC_KEY", "doc": "when set, notifications carry X-TM-Signature: sha256=<hmac>"},
+    )
+
+    s3_endpoint: str = field(
+        default="", metadata={"env": "TM_S3_ENDPOINT", "doc": "MinIO/S3 host:port (TM_OBJECT_STORE=s3)"}
+    )
+    s3_access_key: str = field(default="", metadata={"env": "TM_S3_ACCESS_KEY", "doc": "S3 access key"})
+    s3_secret_key: str = field(default="", metadata={"env": "TM_S3_SECRET_KEY", "doc": "S3 secret key"})
+    s3_secure: bool = field(default=False, metadata={"env": "TM_S3_SECURE", "doc": "use TLS to reach S3"})
+    s3_region: str = field(default="", metadata={"env": "TM_S3_REGION", "doc": "S3 region; empty lets the SDK ask"})
+    kfp_host: str = field(
+        default="", metadata={"env": "TM_KFP_HOST", "doc": "Kubeflow Pipelines API URL (TM_PIPELINE_ENGINE=kfp)"}
+    )
+    kfp_token: str = field(default="", metadata={"env": "TM_KFP_TOKEN", "doc": "bearer token for the KFP API"})
+    data_extraction_url: str = field(
+        default="",
+        metadata={"env": "TM_DATA_EXTRACTION_URL", "doc": "data-extraction service URL (TM_DATA_EXTRACTION=remote)"},
+    )
+    http_timeout: float = field(
+        default=10.0, metadata={"env": "TM_HTTP_TIMEOUT", "doc": "seconds for one call to a peer service"}
+    )
+
+    dme_topic: str = field(
+        default="pmreports", metadata={"env": "TM_DME_TOPIC", "doc": "Kafka topic named in DME information jobs"}
+    )
+    dme_bootstrap_servers: str = field(
+        default="kafka-1-kafka-bootstrap.nonrtric:9097",
+        metadata={"env": "TM_DME_BOOTSTRAP_SERVERS", "doc": "Kafka bootstrap servers named in DME information jobs"},
+    )
+
+    mme_url: str = field(
+        default="",
+        metadata={"env": "TM_MME_URL", "doc": "Model Management Service URL; empty means models are kept in our table"},
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Read every TM_* variable; keyword overrides win (tests use them)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            env_name = f.metadata["env"]
+            if env_name not in environ:
+                continue
+            raw = environ[env_name]
+            if f.type == "int":
+                values[f.name] = _int(env_name, raw)
+            elif f.type == "float":
+                values[f.name] = _float(env_name, raw)
+            elif f.type == "bool":
+                values[f.name] = _bool(env_name, raw)
+            else:
+                values[f.name] = raw
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise SettingsError(f"TM_PORT must be between 1 and 65535, not {self.port}")
+        if self.workers < 1 or self.threads < 1:
+            raise SettingsError("TM_WORKERS and TM_THREADS must be at least 1")
+        if self.max_body_bytes < 1024:
+            raise SettingsError("TM_MAX_BODY_BYTES must be at least 1024")
+        for name, value, choices in (
+            ("TM_PIPELINE_ENGINE", self.pipeline_engine, ("local", "kfp")),
+            ("TM_OBJECT_STORE", self.object_store, ("local", "s3")),
+            ("TM_DATA_EXTRACTION", self.data_extraction, ("embedded", "remote")),
+        ):
+            if value not in choices:
+                raise SettingsError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+        for name, chosen, needed in (
+            ("TM_S3_ENDPOINT", self.object_store == "s3", self.s3_endpoint),
+            ("TM_KFP_HOST", self.pipeline_engine == "kfp", self.kfp_host),
+            ("TM_DATA_EXTRACTION_URL", self.data_extraction == "remote", self.data_extraction_url),
+        ):
+            if chosen and not needed:
+                raise SettingsError(f"{name} must be set for the component chosen")
+        if self.pipeline_engine == "kfp" and (self.object_store != "s3" or self.data_extraction != "remote"):
+            # Pods of a cluster cannot read this machine's folders: the dataset and the model must be shared.
+            raise SettingsError("TM_PIPELINE_ENGINE=kfp needs TM_OBJECT_STORE=s3 and TM_DATA_EXTRACTION=remote")
+        if self.max_concurrent_runs < 1 or self.worker_threads < 1:
+            raise SettingsError("TM_MAX_CONCURRENT_RUNS and TM_WORKER_THREADS must be at least 1")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise SettingsError(f"TM_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}")
+
+    @cached_property  # resolved once: services built per request use it
+    def data_path(self) -> Path:
+        return Path(self.data_dir).resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_path / 'trainingmgr.db'}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.sqlalchemy_url.startswith("sqlite")
+
+    @property
+    def source_roots(self) -> list[Path]:
+        if self.file_source_dirs:
+            return [Path(d).resolve() for d in self.file_source_dirs.split(":") if d]
+        return [self.data_path / "sources", Path(__file__).resolve().parent.parent / "examples" / "data"]
+
+    @classmethod
+    def documented(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, meaning) for every setting: the README table is generated from this."""
+        return [(f.metadata["env"], str(f.default), f.metadata["doc"]) for f in fields(cls)]

@@ -1,0 +1,130 @@
+"""The bundled example, end to end, through the service's HTTP API only (as an rApp and an operator would).
+
+Creates the example feature group, uploads the example pipelines, trains a model, downloads Model.zip, retrains
+and shows the bumped artifact version. Returns True only when everything worked.
+"""
+from __future__ import annotations
+
+import io
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import requests
+
+from . import PROJECT_ROOT
+
+EXAMPLES = PROJECT_ROOT / "examples"
+FEATURE_GROUP = "demo_cell_kpis"
+MODEL = "demo_qoe"
+PIPELINES = {"demo_qoe_training": "qoe_training.yaml", "demo_qoe_retraining": "qoe_retraining.yaml"}
+JOBS = "/ai-ml-model-training/v1/training-jobs"
+TIMEOUT = 10  # seconds for each request
+
+
+class DemoFailed(Exception):
+    pass
+
+
+class Demo:
+    def __init__(self, base_url: str, out_dir: Path, echo: Callable[[str], None] = print, job_timeout: float = 300):
+        self.base = base_url.rstrip("/")
+        self.out_dir = out_dir
+        self.echo = echo
+        self.job_timeout = job_timeout
+        self.http = requests.Session()
+
+    def _call(self, method: str, path: str, expect: tuple[int, ...], **kwargs: Any) -> requests.Response:
+        response = self.http.request(method, self.base + path, timeout=TIMEOUT, **kwargs)
+        if response.status_code not in expect:
+            raise DemoFailed(f"{method} {path} answered {response.status_code}: {response.text[:500]}")
+        return response
+
+    def feature_group(self) -> None:
+        body = {
+            "featuregroup_name": FEATURE_GROUP,
+            "feature_list": "prbUsageDl,prbUsageUl,activeUes,sinrMean,throughputDl",
+            "datalake_source": "CsvSource",
+            "host": "", "port": "1", "bucket": "", "token": "", "db_org": "",
+            "measurement": "cell_kpis.csv",
+            "enable_dme": False,
+        }
+        response = self._call("POST", "/ai-ml-model-training/v1/featureGroup", (201, 409), json=body)
+        self.echo(f"feature group {FEATURE_GROUP}: " + ("created" if response.status_code == 201 else "exists"))
+
+    def pipelines(self) -> dict[str, str]:
+        versions = {}
+        for name, file_name in PIPELINES.items():
+            path = EXAMPLES / "pipelines" / file_name
+            with path.open("rb") as f:
+                response = self._call("POST", f"/pipelines/{name}/upload", (200,),
+                                      files={"file": (file_name, f)}, data={"description": "bundled example"})
+            versions[name] = response.json()["version"]
+            self.echo(f"pipeline {name}: uploaded version {versions[name]}")
+        return versions
+
+    def train(self, versions: dict[str, str]) -> dict[str, Any]:
+        body = {
+            "model_id": {"modelname": MODEL, "modelversion": "1"},
+            "training_config": {
+                "description": "demo: predict downlink throughput from cell KPIs",
+                "dataPipeline": {"feature_group_name": FEATURE_GROUP, "query_filter": "",
+                                 "arguments": {"epochs": "5"}},
+                "trainingPipeline": {
+                    "pipeline_name": "demo_qoe_training", "pipeline_version": versions["demo_qoe_training"],
+                    "retraining_pipeline_name": "demo_qoe_retraining",
+                    "retraining_pipeline_version": versions["demo_qoe_retraining"],
+                },
+            },
+        }
+        job = self._call("POST", JOBS, (201,), json=body).json()
+        kind = "retraining" if job["is_retraining"] else "training"
+        self.echo(f"job {job['id']}: {kind} of {MODEL}, artifact {job['modelId']['artifactversion']}")
+        return self.follow(job["id"])
+
+    def follow(self, job_id: int) -> dict[str, Any]:
+        deadline = time.monotonic() + self.job_timeout
+        last = None
+        while True:
+            job = self._call("GET", f"{JOBS}/{job_id}", (200,)).json()
+            shown = " ".join(f"{step}={state}" for step, state in job["steps_state"].items())
+            if shown != last:
+                self.echo(f"  job {job_id}: {shown}")
+                last = shown
+            if job["status"] == "FINISHED":
+                return job
+            if job["status"] == "FAILED":
+                raise DemoFailed(f"job {job_id} failed: {job['failure_reason']}")
+            if time.monotonic() > deadline:
+                raise DemoFailed(f"job {job_id} did not end within {self.job_timeout:.0f} s")
+            time.sleep(0.5)
+
+    def download(self, job: dict[str, Any]) -> Path:
+        artifact = job["modelId"]["artifactversion"]
+        response = self._call("GET", f"/model/{MODEL}/1/{artifact}/Model.zip", (200,))
+        target = self.out_dir / f"{MODEL}-{artifact}-Model.zip"
+        target.write_bytes(response.content)
+        names = zipfile.ZipFile(io.BytesIO(response.content)).namelist()
+        self.echo(f"  Model.zip ({len(response.content)} bytes, {', '.join(names)}) saved to {target}")
+        return target
+
+    def run(self) -> bool:
+        try:
+            self._call("GET", "/readyz", (200,))
+            self.feature_group()
+            versions = self.pipelines()
+            first = self.train(versions)
+            metrics = self._call("GET", f"{JOBS}/get-model-metrics/{first['id']}", (200,)).json()
+            self.echo("  metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in metrics.items()))
+            self.download(first)
+            second = self.train(versions)
+            self.download(second)
+            self.echo(f"retrained: artifact {first['modelId']['artifactversion']} -> "
+                      f"{second['modelId']['artifactversion']}")
+        except (DemoFailed, requests.RequestException) as e:
+            self.echo(f"demo FAILED: {e}")
+            return False
+        self.echo("demo succeeded")
+        return True

@@ -1,0 +1,139 @@
+"""One error hierarchy, turned into ProblemDetails in one place.
+
+Services raise ApiError subclasses; werkzeug's HTTP errors (404 of unknown routes, 405, 413 ...) and anything
+unexpected are mapped here too, so every error leaves the service as
+`{"title", "status", "detail"}` (plus `errors` for validation failures). Routes outside the R1AP prefix also carry
+the older `Exception` key that their clients read.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+R1AP_PREFIX = "/ai-ml-model-training/"
+PROBLEM_JSON = "application/problem+json"
+
+
+class ApiError(Exception):
+    status = 500
+    title = "Internal Server Error"
+
+    def __init__(self, detail: str, *, errors: dict[str, Any] | None = None, extra: dict[str, Any] | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors
+        self.extra = extra or {}
+
+
+class BadRequest(ApiError):
+    status = 400
+    title = "Bad Request"
+
+
+class ValidationFailed(BadRequest):
+    """Invalid input; `errors` maps each bad field (dotted path) to its messages."""
+
+    def __init__(self, errors: dict[str, Any], detail: str | None = None):
+        flat = flatten_errors(errors)
+        if detail is None:
+            detail = "Invalid request: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in flat.items())
+        super().__init__(detail, errors=flat)
+
+
+class NotFound(ApiError):
+    status = 404
+    title = "Not Found"
+
+
+class Conflict(ApiError):
+    status = 409
+    title = "Conflict"
+
+
+class UnsupportedMediaType(ApiError):
+    status = 415
+    title = "Unsupported Media Type"
+
+
+class BadGateway(ApiError):
+    """A peer the request depends on (DME, MME ...) failed; nothing was changed."""
+
+    status = 502
+    title = "Bad Gateway"
+
+
+class ServiceUnavailable(ApiError):
+    status = 503
+    title = "Service Unavailable"
+
+
+def flatten_errors(errors: Any, prefix: str = "") -> dict[str, list[str]]:
+    """marshmallow's nested error dict -> {"training_config.dataPipeline.query_filter": ["..."]}."""
+    flat: dict[str, list[str]] = {}
+    if isinstance(errors, dict):
+        for key, value in errors.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key == "_schema":
+                name = prefix or "body"
+            flat.update(flatten_errors(value, name))
+    elif isinstance(errors, (list, tuple)):
+        if all(isinstance(m, str) for m in errors):
+            flat.setdefault(prefix or "body", []).extend(errors)
+        else:
+            for item in errors:
+                flat.update(flatten_errors(item, prefix))
+    else:
+        flat.setdefault(prefix or "body", []).append(str(errors))
+    return flat
+
+
+def problem_response(status: int, title: str, detail: str, **members: Any) -> Response:
+    body: dict[str, Any] = {"title": title, "status": status, "detail": detail}
+    body.update({k: v for k, v in members.items() if v is not None})
+    if not request.path.startswith(R1AP_PREFIX):
+        body["Exception"] = detail
+    if g.get("problem_result_key"):
+        body["result"] = detail
+    response = jsonify(body)
+    response.status_code = status
+    response.mimetype = PROBLEM_JSON
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(error: ApiError) -> Response:
+        if error.status >= 500:
+            log.error("request failed: %s", error.detail)
+        return problem_response(error.status, error.title, error.detail, errors=error.errors, **error.extra)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        detail = error.description or error.name
+        if status == 404:
+            detail = f"No resource at {request.path}"
+        elif status == 405:
+            detail = f"Method {request.method} is not allowed on {request.path}"
+        elif status == 413:
+            detail = f"Request body is larger than the limit of {app.config['MAX_CONTENT_LENGTH']} bytes"
+        response = problem_response(status, error.name, detail)
+        if status == 405 and getattr(error, "valid_methods", None):
+            response.headers["Allow"] = ", ".join(error.valid_methods)
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> Response:
+        request_id = getattr(g, "request_id", "-")
+        log.exception("unhandled error")
+        return problem_response(
+            500,
+            "Internal Server Error",
+            f"The server failed to handle the request; quote request id {request_id} to the operator.",
+            request_id=request_id,
+        )

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Optional
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from .base import Base, TimestampMixin
+from .feature_group import FeatureGroup
+
+
+class Model(TimestampMixin, Base):
+    """A model known to the service: (modelname, modelversion); each training run adds an artifact version."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("modelname", "modelversion", name="uq_models_name_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    modelname: Mapped[str] = mapped_column(String(128), nullable=False)
+    modelversion: Mapped[str] = mapped_column(String(64), nullable=False)
+    model_location: Mapped[Optional[str]] = mapped_column(Text)
+    # Number of training runs started so far; bumped atomically to hand out artifact versions.
+    training_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+
+
+class TrainingJob(TimestampMixin, Base):
+    """One training (or retraining) run of a model."""
+
+    __tablename__ = "training_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"), nullable=False, index=True)
+    # RESTRICT: a feature group in use by a job cannot be deleted.
+    feature_group_id: Mapped[int] = mapped_column(
+        ForeignKey("feature_groups.id", ondelete="RESTRICT"), nullable=False, index=True
+    )
+    artifact_version: Mapped[str] = mapped_column(String(32), nullable=False)
+    is_retraining: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    training_config: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    model_location: Mapped[Optional[str]] = mapped_column(Text)
+    training_dataset: Mapped[Optional[str]] = mapped_column(Text)
+    validation_dataset: Mapped[Optional[str]] = mapped_column(Text)
+    notification_url: Mapped[Optional[str]] = mapped_column(Text)
+    consumer_rapp_id: Mapped[Optional[str]] = mapped_column(String(255))
+    producer_rapp_id: Mapped[Optional[str]] = mapped_column(String(255))
+    steps_state: Mapped[dict[str, str]] = mapped_column(JSON, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="NOT_STARTED", index=True)
+    run_id: Mapped[Optional[str]] = mapped_column(String(255))
+    model_url: Mapped[Optional[str]] = mapped_column(Text)
+    metrics: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
+    failure_reason: Mapped[Optional[str]] = mapped_column(Text)
+    deletion_in_progress: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    # The pipeline version the run used (the training or the retraining pipeline).
+    pipeline_version_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("pipeline_versions.id", ondelete="RESTRICT"), index=True
+    )
+    run_started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    run_ended_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+
+    model: Mapped[Model] = relationship(lazy="joined")
+    feature_group: Mapped[FeatureGroup] = relationship(lazy="joined")

@@ -1,0 +1,114 @@
+"""Feature group input validation and output shaping."""
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates, validates_schema
+
+from ..secrets import MASK, TokenCipher
+from .fields import Port, StrictBoolean, TrimmedString, validate_name
+
+DATALAKE_SOURCES = ("InfluxSource", "CsvSource", "ParquetSource")
+# Connection fields an InfluxDB source cannot do without.
+INFLUX_REQUIRED = ("host", "port", "bucket", "db_org", "measurement")
+DME_REQUIRED = ("measured_obj_class", "dme_port", "source_name")
+# The columns of these text fields are VARCHAR(255): longer values are a 400, not a database error.
+_MAX_255 = validate.Length(max=255)
+
+
+def _validate_feature_list(value: str) -> None:
+    parts = [f.strip() for f in value.split(",")]
+    if not value.strip() or any(not p for p in parts):
+        raise ValidationError("Must be a comma-separated list of feature names, none empty.")
+
+
+class FeatureGroupConfigSchema(Schema):
+    """FeatureGroupConfig as the spec defines it; unknown fields are rejected."""
+
+    class Meta:
+        unknown = RAISE
+
+    featuregroup_name = TrimmedString(required=True, validate=validate_name)
+    feature_list = fields.String(required=True, validate=_validate_feature_list)
+    datalake_source = TrimmedString(
+        required=True,
+        validate=validate.OneOf(DATALAKE_SOURCES, error="Must be one of: {choices}."),
+    )
+    host = TrimmedString(required=True, validate=_MAX_255)
+    port = Port(required=True, allow_none=False)
+    bucket = TrimmedString(required=True, validate=_MAX_255)
+    token = fields.String(required=True)
+    db_org = TrimmedString(required=True, validate=_MAX_255)
+    measurement = TrimmedString(required=True, validate=_MAX_255)
+    enable_dme = StrictBoolean(required=True)
+    measured_obj_class = TrimmedString(load_default=None, validate=_MAX_255)
+    dme_port = Port(load_default=None, allow_none=True, empty_as_none=True)
+    source_name = TrimmedString(load_default=None, validate=_MAX_255)
+
+    @validates("token")
+    def _not_the_mask(self, value: str, **kwargs: Any) -> None:
+        # Only a PUT may send the mask back (meaning "keep the stored token"); FeatureGroupService checks that.
+        if value == MASK and not self.context_allows_mask:
+            raise ValidationError("Send the real token: \"****\" is how stored tokens are shown.")
+
+    context_allows_mask = False
+
+    @validates_schema
+    def _source_rules(self, data: dict[str, Any], **kwargs: Any) -> None:
+        errors: dict[str, list[str]] = {}
+        if data.get("datalake_source") == "InfluxSource":
+            for name in INFLUX_REQUIRED:
+                if name in data and data[name] == "":
+                    errors[name] = ["Must not be empty for an InfluxSource."]
+        if data.get("enable_dme"):
+            for name in DME_REQUIRED:
+                if not data.get(name):
+                    errors[name] = ["Required when enable_dme is true."]
+        if errors:
+            raise ValidationError(errors)
+
+
+class FeatureGroupUpdateSchema(FeatureGroupConfigSchema):
+    """As FeatureGroupConfig, but a token of "****" means: keep the stored one."""
+
+    context_allows_mask = True
+
+
+class FeatureGroupRefSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    featureGroup_name = fields.String(required=True)
+
+
+class FeatureGroupDeleteSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    featuregroups_list = fields.List(
+        fields.Nested(FeatureGroupRefSchema),
+        required=True,
+        validate=validate.Length(min=1, max=1000, error="Must list from 1 to 1000 feature groups."),
+    )
+
+
+def dump_feature_group(fg: Any) -> dict[str, Any]:
+    """A stored FeatureGroup as clients see it: the token masked, absent optional values as "".
+
+    A plain function rather than a marshmallow dump: it sits on the hottest read path.
+    """
+    return {
+        "featuregroup_name": fg.name,
+        "feature_list": fg.feature_list,
+        "datalake_source": fg.datalake_source,
+        "host": fg.host,
+        "port": fg.port,
+        "bucket": fg.bucket,
+        "token": TokenCipher.mask(fg.token_encrypted),
+        "db_org": fg.db_org,
+        "measurement": fg.measurement,
+        "enable_dme": fg.enable_dme,
+        "measured_obj_class": fg.measured_obj_class or "",
+        "dme_port": fg.dme_port or "",
+        "source_name": fg.source_name or "",
+    }

@@ -1,0 +1,189 @@
+"""Feature groups: the rules for creating, reading, updating and deleting them."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ..adapters.base import AdapterError
+from ..errors import BadGateway, BadRequest, Conflict, NotFound, ValidationFailed
+from ..models import FeatureGroup, TrainingJob
+from ..schemas.fields import NAME_PATTERN, NAME_RULE
+from ..secrets import MASK, TokenCipher
+from .pagination import Page, PageRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BulkDeleteResult:
+    deleted: list[str] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+
+def check_name(name: str) -> None:
+    """A name in a path: 400 when it cannot be a feature group's name at all."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise BadRequest(f"Invalid feature group name {name!r}: {NAME_RULE}.")
+
+
+class FeatureGroupService:
+    """Feature groups with enable_dme have a DME information job; the row and the job are kept consistent: the
+    database change is flushed first, the DME is called, and the transaction commits only when the DME agreed."""
+
+    def __init__(self, session: Session, cipher: TokenCipher, dme: Any):
+        self.session = session
+        self.cipher = cipher
+        self.dme = dme
+
+    def _find(self, name: str) -> FeatureGroup | None:
+        return self.session.scalar(select(FeatureGroup).where(FeatureGroup.name == name))
+
+    def get(self, name: str) -> FeatureGroup:
+        check_name(name)
+        fg = self._find(name)
+        if fg is None:
+            raise NotFound(f"Feature group {name!r} does not exist")
+        return fg
+
+    def list(self, page: PageRequest) -> Page[FeatureGroup]:
+        query = select(FeatureGroup).order_by(FeatureGroup.name).limit(page.limit + 1)
+        if page.after is not None:
+            query = query.where(FeatureGroup.name > page.after)
+        rows = list(self.session.scalars(query))
+        more = len(rows) > page.limit
+        rows = rows[: page.limit]
+        return Page(rows, rows[-1].name if more else None)
+
+    def create(self, data: dict[str, Any]) -> FeatureGroup:
+        name = data["featuregroup_name"]
+        if self._find(name) is not None:
+            raise Conflict(f"Feature group {name!r} already exists")
+        fg = FeatureGroup(name=name)
+        self._assign(fg, data, keep_token=False)
+        self.session.add(fg)
+        try:
+            self.session.flush()
+        except IntegrityError:
+            # Another request created the same name between our check and our insert.
+            self.session.rollback()
+            raise Conflict(f"Feature group {name!r} already exists") from None
+        if fg.enable_dme:
+            self._dme(self.dme.create_job, fg, "created", "the feature group was not created")
+        try:
+            self.session.commit()
+        except IntegrityError:
+            self.session.rollback()
+            if fg.enable_dme:
+                self._compensate(self.dme.delete_job, fg)
+            raise Conflict(f"Feature group {name!r} already exists") from None
+        log.info("feature group created", extra={"featuregroup": name})
+        return fg
+
+    def update(self, name: str, data: dict[str, Any]) -> FeatureGroup:
+        fg = self.get(name)
+        if data["featuregroup_name"] != name:
+            raise ValidationFailed(
+                {"featuregroup_name": [f"Must equal the name in the path ({name!r}): renaming is not supported."]}
+            )
+        had_dme = fg.enable_dme
+        # Where its DME job lives now: the update may change host and port.
+        previous = SimpleNamespace(name=fg.name, host=fg.host, dme_port=fg.dme_port)
+        # The UI shows the mask; sending it back unchanged keeps the stored token.
+        self._assign(fg, data, keep_token=data["token"] == MASK)
+        self.session.flush()
+        if fg.enable_dme:
+            # PUT creates the job or replaces it with the new definition.
+            self._dme(self.dme.create_job, fg, "updated", "the feature group was not changed")
+            if had_dme and (previous.host, previous.dme_port) != (fg.host, fg.dme_port):
+                # The job moved to another DME: the old one must not stay behind.
+                self._compensate(self.dme.delete_job, previous)
+        elif had_dme:
+            self._dme(self.dme.delete_job, previous, "deleted", "the feature group was not changed")
+        self.session.commit()
+        log.info("feature group updated", extra={"featuregroup": name})
+        return fg
+
+    def delete_many(self, names: list[str]) -> BulkDeleteResult:
+        result = BulkDeleteResult()
+        for name in names:
+            reason = self._delete_one(name)
+            if reason is None:
+                result.deleted.append(name)
+            else:
+                result.failures.append({"featureGroup_name": name, "reason": reason})
+        self.session.commit()
+        log.info(
+            "feature groups deleted",
+            extra={"deleted": result.deleted, "failed": [f["featureGroup_name"] for f in result.failures]},
+        )
+        return result
+
+    def _delete_one(self, name: str) -> str | None:
+        if not NAME_PATTERN.fullmatch(name):
+            return f"invalid name: {NAME_RULE}"
+        fg = self._find(name)
+        if fg is None:
+            return "does not exist"
+        in_use = self.session.scalar(
+            select(func.count()).select_from(TrainingJob).where(TrainingJob.feature_group_id == fg.id)
+        )
+        if in_use:
+            return f"used by {in_use} training job(s)"
+        if fg.enable_dme:
+            try:
+                self.dme.delete_job(fg)
+            except AdapterError as e:
+                return f"its DME information job could not be deleted: {e}"
+        savepoint = self.session.begin_nested()
+        try:
+            self.session.delete(fg)
+            self.session.flush()
+        except IntegrityError:
+            # A training job started using it after our check: the foreign key keeps it, so its job comes back.
+            savepoint.rollback()
+            if fg.enable_dme:
+                self._compensate(self.dme.create_job, fg)
+            return "used by a training job"
+        savepoint.commit()
+        return None
+
+    def _dme(self, call: Any, fg: Any, done: str, undone: str) -> None:
+        """Call the DME; on failure roll the flushed change back and answer 502."""
+        try:
+            call(fg)
+        except AdapterError as e:
+            self.session.rollback()
+            raise BadGateway(f"The DME information job of {fg.name!r} could not be {done} ({e}): {undone}") from None
+
+    @staticmethod
+    def _compensate(call: Any, fg: FeatureGroup) -> None:
+        try:
+            call(fg)
+        except AdapterError:
+            log.error("DME and database disagree; fix by hand", extra={"featuregroup": fg.name})
+
+    def _assign(self, fg: FeatureGroup, data: dict[str, Any], *, keep_token: bool) -> None:
+        fg.feature_list = data["feature_list"]
+        fg.datalake_source = data["datalake_source"]
+        fg.host = data["host"]
+        fg.port = data["port"]
+        fg.bucket = data["bucket"]
+        fg.db_org = data["db_org"]
+        fg.measurement = data["measurement"]
+        fg.enable_dme = data["enable_dme"]
+        # Absent optional values are answered as "": store "" back as absent.
+        fg.measured_obj_class = data.get("measured_obj_class") or None
+        fg.dme_port = data.get("dme_port") or None
+        fg.source_name = data.get("source_name") or None
+        if not keep_token:
+            fg.token_encrypted = self.cipher.encrypt(data["token"])
+
+    def token(self, fg: FeatureGroup) -> str:
+        """The clear token, for adapters that connect to the source; never for a response."""
+        return self.cipher.decrypt(fg.token_encrypted)

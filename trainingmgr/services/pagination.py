@@ -1,0 +1,67 @@
+"""Keyset pagination: every list is bounded and ordered by a whitelisted key, and the cursor is opaque."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from ..errors import ValidationFailed
+from ..schemas.fields import parse_small_int
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    limit: int
+    after: Any = None  # the sort key of the last item of the previous page
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_after: Any = None  # set when more items exist
+
+    @property
+    def next_cursor(self) -> str | None:
+        return None if self.next_after is None else encode_cursor(self.next_after)
+
+
+def encode_cursor(key: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> Any:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        return json.loads(base64.urlsafe_b64decode(padded.encode()))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise ValidationFailed({"cursor": ["Not a valid cursor: use the one from the Link header."]}) from None
+
+
+def page_request(args: dict[str, str], *, default_limit: int, max_limit: int, key_type: type) -> PageRequest:
+    """Parse `limit` and `cursor` query arguments."""
+    errors: dict[str, list[str]] = {}
+    limit = default_limit
+    raw_limit = args.get("limit")
+    if raw_limit is not None:
+        parsed = parse_small_int(raw_limit, max_digits=len(str(max_limit)))
+        if parsed is not None and 1 <= parsed <= max_limit:
+            limit = parsed
+        else:
+            errors["limit"] = [f"Must be an integer from 1 to {max_limit}."]
+    after = None
+    raw_cursor = args.get("cursor")
+    if raw_cursor:
+        try:
+            after = decode_cursor(raw_cursor)
+        except ValidationFailed as e:
+            errors.update(e.errors or {})
+        else:
+            if not isinstance(after, key_type) or isinstance(after, bool):
+                errors["cursor"] = ["Not a valid cursor: use the one from the Link header."]
+    if errors:
+        raise ValidationFailed(errors)
+    return PageRequest(limit=limit, after=after)

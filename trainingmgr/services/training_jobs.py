@@ -1,0 +1,282 @@
+"""Training jobs: creating them, reading them, deleting them, and the callbacks that drive them."""
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from ..config import Settings
+from ..adapters.base import AdapterError
+from ..errors import BadGateway, BadRequest, NotFound
+from ..models import FeatureGroup, Model, TrainingJob
+from ..models.feature_group import split_names
+from ..workers.queue import EXTRACT, START_RUN, WATCH_RUN, WorkQueue, utcnow
+from . import lifecycle as lc
+from .pagination import Page, PageRequest
+from .transitions import JobTransitions
+
+if TYPE_CHECKING:
+    from ..adapters.base import DataExtractor, ObjectStore, PipelineEngine
+    from ..adapters.mme import MmeClient
+    from .pipelines import PipelineService
+
+log = logging.getLogger(__name__)
+
+# The largest id any backend stores (SQLite's INTEGER, PostgreSQL's BIGINT); a larger one names nothing, and
+# handing it to the database driver fails (OverflowError on SQLite, "out of range" on PostgreSQL).
+MAX_ID = 2**63 - 1
+
+DEFAULT_EXPERIMENT = "Default"
+
+
+def artifact_version(training_number: int) -> str:
+    """The n-th training of a model: 1.0.0 first, then each retraining bumps the minor version."""
+    return f"1.{training_number - 1}.0"
+
+
+def featurepath(job: TrainingJob) -> str:
+    return f"{job.feature_group.name}_{job.id}"
+
+
+class Adapters(Protocol):
+    """What the service reaches outside (the Container provides them, each built on first use)."""
+
+    engine: "PipelineEngine"
+    extractor: "DataExtractor"
+    object_store: "ObjectStore"
+    mme: "MmeClient | None"  # the Model Management Service, when one is configured
+
+
+class TrainingJobService:
+    def __init__(self, session: Session, settings: Settings, adapters: Adapters, pipelines: "PipelineService"):
+        self.session = session
+        self.settings = settings
+        self.adapters = adapters
+        self.pipelines = pipelines
+        self.transitions = JobTransitions(session)
+        self.queue = WorkQueue(session)
+
+    # ------------------------------------------------------------------------------------------ create
+    def create(self, data: dict[str, Any]) -> TrainingJob:
+        config = data["training_config"]
+        data_pipeline = config["dataPipeline"]
+        training_pipeline = config["trainingPipeline"]
+        fg_name = data_pipeline["feature_group_name"]
+        registered = self._check_registration(data)
+        if not fg_name and registered is not None:
+            fg_name = self._feature_group_for(registered)
+            data_pipeline["feature_group_name"] = fg_name
+        if not fg_name:
+            raise BadRequest("training_config.dataPipeline.feature_group_name must name a feature group")
+        fg = self.session.scalar(select(FeatureGroup).where(FeatureGroup.name == fg_name))
+        if fg is None:
+            raise NotFound(f"Feature group {fg_name!r} does not exist")
+        # Both pipelines must exist now: the later retrainings depend on the second one.
+        training = self.pipelines.resolve_version(training_pipeline["pipeline_name"],
+                                                  training_pipeline["pipeline_version"])
+        retraining = self.pipelines.resolve_version(training_pipeline["retraining_pipeline_name"],
+                                                    training_pipeline["retraining_pipeline_version"])
+
+        model_ref = data["model_id"]
+        model_id = self._model_id(model_ref["modelname"], model_ref["modelversion"], data["model_location"])
+        # Hands out the training number atomically: the row stays locked until this transaction commits, so two
+        # concurrent trainings of one model never get the same artifact version.
+        number = self.session.execute(
+            update(Model)
+            .where(Model.id == model_id)
+            .values(training_count=Model.training_count + 1)
+            .returning(Model.training_count)
+            .execution_options(synchronize_session=False)
+        ).scalar_one()
+        is_retraining = number > 1
+        # Runs are grouped in one experiment, as the reference's jobs were ("Default").
+        self.pipelines.ensure_experiment(DEFAULT_EXPERIMENT)
+        job = TrainingJob(
+            model_id=model_id,
+            feature_group_id=fg.id,
+            artifact_version=artifact_version(number),
+            is_retraining=is_retraining,
+            training_config=config,
+            model_location=data["model_location"] or None,
+            training_dataset=data["training_dataset"] or None,
+            validation_dataset=data["validation_dataset"] or None,
+            notification_url=data["notification_url"] or None,
+            consumer_rapp_id=data["consumer_rapp_id"] or None,
+            producer_rapp_id=data["producer_rapp_id"] or None,
+            steps_state=lc.initial_steps(),
+            status=lc.NOT_STARTED,
+            pipeline_version_id=(retraining if is_retraining else training).id,
+        )
+        self.session.add(job)
+        self.session.flush()
+        self.queue.enqueue(job.id, EXTRACT, deadline_at=utcnow() + timedelta(seconds=self.settings.extraction_deadline))
+        self.session.commit()
+        log.info("training job created", extra={"trainingjob_id": job.id, "artifact_version": job.artifact_version,
+                                                "is_retraining": is_retraining})
+        return job
+
+    def _check_registration(self, data: dict[str, Any]) -> dict[str, Any] | None:
+        """With a Model Management Service: the model must be registered there, at the location given."""
+        if self.adapters.mme is None:
+            return None
+        name, version = data["model_id"]["modelname"], data["model_id"]["modelversion"]
+        try:
+            record = self.adapters.mme.lookup(name, version)
+        except AdapterError as e:
+            raise BadGateway(f"The Model Management Service could not be asked about {name} {version}: {e}") from None
+        if record is None:
+            raise BadRequest(f"Model {name} version {version} is not registered in the Model Management Service")
+        location = record.get("modelLocation") or ""
+        if data["model_location"] and location and data["model_location"] != location:
+            raise BadRequest(f"model_location {data['model_location']!r} differs from the registered {location!r}")
+        return record
+
+    def _feature_group_for(self, record: dict[str, Any]) -> str:
+        """The feature group whose feature list equals the model's inputDataType."""
+        wanted = frozenset(split_names(str((record.get("modelInformation") or {}).get("inputDataType") or "")))
+        if not wanted:
+            raise BadRequest("feature_group_name is empty and the registered model names no inputDataType")
+        matches = [fg.name for fg in self.session.scalars(select(FeatureGroup).order_by(FeatureGroup.name))
+                   if frozenset(fg.features) == wanted]
+        if len(matches) != 1:
+            raise BadRequest(
+                f"feature_group_name is empty and {len(matches)} feature groups have the features "
+                f"{', '.join(sorted(wanted))} of the model's inputDataType: name one"
+            )
+        return matches[0]
+
+    def _model_id(self, modelname: str, modelversion: str, location: str) -> int:
+        """The model's id, registering it on first use (race-safe: INSERT ... ON CONFLICT DO NOTHING)."""
+        dialect = self.session.get_bind().dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        now = utcnow()
+        self.session.execute(
+            insert(Model)
+            .values(modelname=modelname, modelversion=modelversion, model_location=location or None,
+                    training_count=0, created_at=now, updated_at=now)
+            .on_conflict_do_nothing(index_elements=["modelname", "modelversion"])
+        )
+        return self.session.scalar(
+            select(Model.id).where(Model.modelname == modelname, Model.modelversion == modelversion)
+        )
+
+    # ------------------------------------------------------------------------------------------ read
+    def _find(self, job_id: int) -> TrainingJob | None:
+        return self.session.get(TrainingJob, job_id) if 0 < job_id <= MAX_ID else None
+
+    def get(self, job_id: int) -> TrainingJob:
+        job = self._find(job_id)
+        if job is None:
+            raise NotFound(f"Training job {job_id} does not exist")
+        return job
+
+    def list(self, page: PageRequest, *, modelname: str | None = None, modelversion: str | None = None
+             ) -> Page[TrainingJob]:
+        """Newest first, keyset-paged by id."""
+        query = select(TrainingJob).order_by(TrainingJob.id.desc()).limit(page.limit + 1)
+        if modelname is not None:
+            query = query.join(Model, TrainingJob.model_id == Model.id).where(
+                Model.modelname == modelname, Model.modelversion == modelversion
+            )
+        if page.after is not None:
+            query = query.where(TrainingJob.id < page.after)
+        rows = list(self.session.scalars(query).unique())
+        more = len(rows) > page.limit
+        rows = rows[: page.limit]
+        return Page(rows, rows[-1].id if more else None)
+
+    def nth_training(self, modelname: str, number: int) -> TrainingJob:
+        """The older `/trainingjobs/{name}/{version}`: the number-th training of the model name, from 1."""
+        if number < 1:
+            raise BadRequest("version must be a positive integer")
+        if number > MAX_ID:
+            raise NotFound(f"Training job {modelname!r} version {number} does not exist")
+        job = self.session.scalars(
+            select(TrainingJob).join(Model, TrainingJob.model_id == Model.id)
+            .where(Model.modelname == modelname).order_by(TrainingJob.id).offset(number - 1).limit(1)
+        ).first()
+        if job is None:
+            raise NotFound(f"Training job {modelname!r} version {number} does not exist")
+        return job
+
+    # ------------------------------------------------------------------------------------------ metrics
+    def metrics(self, job_id: int) -> dict[str, Any]:
+        return dict(self.get(job_id).metrics or {})
+
+    def update_metrics(self, job_id: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        job = self.get(job_id)
+        job.metrics = metrics
+        self.session.commit()
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ delete
+    def delete(self, job_id: int, *, delete_model: bool = False) -> None:
+        job = self.get(job_id)
+        job.deletion_in_progress = True
+        self.session.commit()
+        run_id, path = job.run_id, featurepath(job)
+        bucket, modelversion, artifact = job.model.modelname, job.model.modelversion, job.artifact_version
+        if run_id and lc.ordered(job.steps_state)[lc.TRAINING] == lc.IN_PROGRESS:
+            try:
+                self.adapters.engine.terminate(run_id)
+            except AdapterError as e:
+                # Deleting now would leave the run going with nobody to stop it: keep the job, say why.
+                job.deletion_in_progress = False
+                self.session.commit()
+                raise BadGateway(f"Training job {job_id} was not deleted: its run could not be terminated ({e})") \
+                    from None
+        self.queue.remove_for_job(job_id)
+        self.session.delete(job)
+        self.session.commit()
+        # What the job created outside the database, after the row is gone (a failure here leaves only files).
+        if run_id:
+            self.adapters.engine.cleanup(run_id)
+        self.adapters.extractor.remove(path)
+        if delete_model:
+            from ..adapters.object_store import model_key
+
+            self.adapters.object_store.delete(bucket, model_key(modelversion, artifact))
+        log.info("training job deleted", extra={"trainingjob_id": job_id, "model_deleted": delete_model})
+
+    # ------------------------------------------------------------------------------------------ callbacks
+    def on_data_extraction_done(self, job_id: int) -> str:
+        """The data-extraction service (or a tool) says the dataset is ready. Repeated or late: no change."""
+        job = self._callback_job(job_id)
+        if lc.ordered(job.steps_state)[lc.DATA_EXTRACTION] != lc.IN_PROGRESS:
+            return f"Training job {job_id}: nothing to do (data extraction is {job.steps_state[lc.DATA_EXTRACTION]})"
+        # The extract step confirms with the extractor and moves on; bring it forward.
+        self.queue.make_due(job_id, EXTRACT)
+        self.session.commit()
+        return f"Training job {job_id}: pipeline will be scheduled"
+
+    def on_pipeline_status(self, job_id: int, run_status: str) -> str:
+        job = self._callback_job(job_id)
+        state = run_status.strip().upper()
+        steps = lc.ordered(job.steps_state)
+        if steps[lc.TRAINING] != lc.IN_PROGRESS:
+            return f"Training job {job_id}: nothing to do (training is {steps[lc.TRAINING]})"
+        if state in lc.RUN_SUCCEEDED:
+            # The watch step checks with the engine and collects the model; bring it forward.
+            self.queue.make_due(job_id, WATCH_RUN)
+        elif state in lc.RUN_FAILED:
+            if job.run_id:
+                try:
+                    self.adapters.engine.terminate(job.run_id)
+                except AdapterError as e:  # the engine said the run ended: the job fails either way
+                    log.warning("run not terminated", extra={"trainingjob_id": job_id, "error": str(e)})
+            self.transitions.fail(job, f"pipeline run ended {state}")
+            self.queue.remove_for_job(job_id, (WATCH_RUN, START_RUN))
+        else:
+            return f"Training job {job_id}: run is {state}"
+        self.session.commit()
+        return f"Training job {job_id}: run {state} handled"
+
+    def _callback_job(self, job_id: int) -> TrainingJob:
+        job = self._find(job_id)
+        if job is None:
+            raise BadRequest(f"Training job {job_id} does not exist")
+        return job

@@ -1,0 +1,160 @@
+"""The durable queue of job steps (the work_items table).
+
+Items are written in the same transaction as the job change that calls for them. A worker claims one by taking
+its lease in a single UPDATE (with `FOR UPDATE SKIP LOCKED` on PostgreSQL, so concurrent workers never take the
+same row); an item whose lease ran out (its worker died) is claimed again. An item is finished by deleting it in
+the transaction that records its outcome, and only while the finishing worker still holds its lease, so a step is
+never recorded twice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.orm import Session
+
+from ..models import WorkItem
+
+EXTRACT = "extract"
+START_RUN = "start_run"
+WATCH_RUN = "watch_run"
+NOTIFY = "notify"
+KINDS = (EXTRACT, START_RUN, WATCH_RUN, NOTIFY)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite gives timestamps back without a zone; they are UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: int
+    job_id: int
+    kind: str
+    payload: dict[str, Any]
+    attempts: int
+    deadline_at: datetime | None
+    owner: str
+
+
+class LeaseLost(Exception):
+    """Another worker owns the item now: this worker's outcome must not be recorded."""
+
+
+class WorkQueue:
+    def __init__(self, session: Session):
+        self.session = session
+
+    def enqueue(
+        self,
+        job_id: int,
+        kind: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        delay: float = 0.0,
+        deadline_at: datetime | None = None,
+    ) -> WorkItem:
+        """Add an item to the caller's transaction (the caller commits)."""
+        assert kind in KINDS, kind
+        item = WorkItem(
+            job_id=job_id,
+            kind=kind,
+            payload=payload or {},
+            due_at=utcnow() + timedelta(seconds=delay),
+            deadline_at=deadline_at,
+            attempts=0,
+        )
+        self.session.add(item)
+        return item
+
+    def claim(self, owner: str, lease_seconds: float, kinds: tuple[str, ...] = KINDS) -> Claim | None:
+        now = utcnow()
+        candidate = (
+            select(WorkItem.id)
+            .where(
+                WorkItem.due_at <= now,
+                WorkItem.kind.in_(kinds),
+                or_(WorkItem.lease_until.is_(None), WorkItem.lease_until < now),
+            )
+            .order_by(WorkItem.due_at, WorkItem.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        row = self.session.execute(
+            update(WorkItem)
+            .where(WorkItem.id == candidate)
+            .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_seconds),
+                    attempts=WorkItem.attempts + 1)
+            .returning(WorkItem.id, WorkItem.job_id, WorkItem.kind, WorkItem.payload, WorkItem.attempts,
+                       WorkItem.deadline_at)
+            .execution_options(synchronize_session=False)
+        ).first()
+        self.session.commit()
+        if row is None:
+            return None
+        return Claim(row.id, row.job_id, row.kind, dict(row.payload or {}), row.attempts, as_utc(row.deadline_at),
+                     owner)
+
+    def extend(self, ids: list[int], owner: str, lease_seconds: float) -> None:
+        if not ids:
+            return
+        self.session.execute(
+            update(WorkItem)
+            .where(WorkItem.id.in_(ids), WorkItem.lease_owner == owner)
+            .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+            .execution_options(synchronize_session=False)
+        )
+        self.session.commit()
+
+    def finish(self, claim: Claim) -> None:
+        """Delete the item in the caller's transaction; LeaseLost if this worker no longer holds it."""
+        result = self.session.execute(
+            delete(WorkItem)
+            .where(WorkItem.id == claim.id, WorkItem.lease_owner == claim.owner)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:
+            raise LeaseLost(f"work item {claim.id} is no longer ours")
+
+    def retry_later(self, claim: Claim, delay: float, *, payload: dict[str, Any] | None = None,
+                    count_attempt: bool = True) -> None:
+        """Give the item back, due after `delay` seconds (the caller commits)."""
+        values: dict[str, Any] = {"due_at": utcnow() + timedelta(seconds=delay), "lease_owner": None,
+                                  "lease_until": None}
+        if payload is not None:
+            values["payload"] = payload
+        if not count_attempt:
+            values["attempts"] = WorkItem.attempts - 1
+        result = self.session.execute(
+            update(WorkItem)
+            .where(WorkItem.id == claim.id, WorkItem.lease_owner == claim.owner)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:
+            raise LeaseLost(f"work item {claim.id} is no longer ours")
+
+    def remove_for_job(self, job_id: int, kinds: tuple[str, ...] = KINDS) -> None:
+        self.session.execute(
+            delete(WorkItem).where(WorkItem.job_id == job_id, WorkItem.kind.in_(kinds))
+            .execution_options(synchronize_session=False)
+        )
+
+    def make_due(self, job_id: int, kind: str) -> None:
+        """Bring a waiting item forward (a callback says there is news)."""
+        self.session.execute(
+            update(WorkItem)
+            .where(WorkItem.job_id == job_id, WorkItem.kind == kind, WorkItem.lease_owner.is_(None))
+            .values(due_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
