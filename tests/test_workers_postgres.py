@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,9 @@ def pg_only(backend):
         pytest.skip("worker processes sharing a database: a PostgreSQL test")
 
 
-def start_workers(settings, count: int, tmp_path: Path, lease: int = 3) -> list[subprocess.Popen]:
+def start_workers(settings, count: int, tmp_path: Path, lease: int = 3,
+                  log_level: str = "INFO") -> list[subprocess.Popen]:
+    """Start `count` worker processes and wait until each has said "worker started" (adapters built)."""
     env = {
         **os.environ,
         "TM_DATABASE_URL": settings.database_url,
@@ -32,13 +35,22 @@ def start_workers(settings, count: int, tmp_path: Path, lease: int = 3) -> list[
         "TM_WORKER_THREADS": "3",
         "TM_WORKER_POLL_SECONDS": "0.05",
         "TM_LEASE_SECONDS": str(lease),
-        "TM_LOG_LEVEL": "INFO",
+        "TM_LOG_LEVEL": log_level,
     }
-    return [
-        subprocess.Popen([sys.executable, "-m", "trainingmgr", "worker"], env=env, cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(count)
-    ]
+    processes = []
+    for _ in range(count):
+        # Output goes to a file: a pipe nobody reads while the test waits could fill up and stall the worker.
+        log_file = tempfile.NamedTemporaryFile("w+", dir=tmp_path, prefix="worker-", suffix=".log", delete=False)
+        p = subprocess.Popen([sys.executable, "-m", "trainingmgr", "worker"], env=env, cwd=tmp_path,
+                             stdout=log_file, stderr=subprocess.STDOUT, text=True)
+        p.log_path = Path(log_file.name)
+        processes.append(p)
+    deadline = time.monotonic() + 60
+    while not all('"worker started"' in p.log_path.read_text() for p in processes):
+        assert all(p.poll() is None for p in processes), [p.log_path.read_text() for p in processes]
+        assert time.monotonic() < deadline, "the workers did not start within 60 s"
+        time.sleep(0.1)
+    return processes
 
 
 def stop(processes: list[subprocess.Popen]) -> list[str]:
@@ -46,15 +58,15 @@ def stop(processes: list[subprocess.Popen]) -> list[str]:
     for p in processes:
         if p.poll() is None:
             p.terminate()
-        out, _ = p.communicate(timeout=30)
-        outputs.append(out)
+        p.wait(timeout=30)
+        outputs.append(p.log_path.read_text())
     return outputs
 
 
 def test_two_worker_processes_do_each_job_exactly_once(pg_only, setup, settings, tmp_path):
     client = setup
     rapp = RAppReceiver().start()
-    workers = start_workers(settings, 2, tmp_path)
+    workers = start_workers(settings, 2, tmp_path, log_level="DEBUG")
     try:
         jobs = [client.post(JOBS, json=job_request(f"shared_{i}", notification_url=rapp.url)).get_json()
                 for i in range(N_JOBS)]
@@ -68,8 +80,10 @@ def test_two_worker_processes_do_each_job_exactly_once(pg_only, setup, settings,
     assert [job["status"] for job in done] == ["FINISHED"] * N_JOBS
     started = [m for out in outputs for m in re.findall(r'"message": "pipeline run started".*?"trainingjob_id": (\d+)', out)]
     assert sorted(map(int, started)) == sorted(job["id"] for job in jobs), "each job's run started exactly once"
-    assert all(started_in for started_in in (re.findall("pipeline run started", out) for out in outputs)), \
-        "both workers took work"
+    # Both processes were up before the first job was posted, and a job is many steps (extract, start, several
+    # watches, store, five notifications): both take a share.
+    steps = [len(re.findall('"message": "step executed"', out)) for out in outputs]
+    assert all(steps), f"both workers took work: {steps} steps"
     # Every step's notification went out once: 5 per job, no duplicate.
     assert len(rapp.requests) == 5 * N_JOBS
     delivery_ids = [r.headers["X-TM-Delivery-Id"] for r in rapp.requests]

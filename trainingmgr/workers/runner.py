@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 from flask import Flask
@@ -103,8 +104,12 @@ class Worker:
             return False
         with self._held_lock:
             self._held[owner] = claim.id
+        started = time.perf_counter()
         try:
             StepExecutor(self.container, db.session).execute(claim)
+            log.debug("step executed", extra={"worker": owner, "work_item": claim.id, "kind": claim.kind,
+                                              "trainingjob_id": claim.job_id,
+                                              "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
         except LeaseLost:
             db.session.rollback()
             log.warning("lease lost; outcome dropped", extra={"worker": owner, "work_item": claim.id})
