@@ -327,7 +327,7 @@ def load_database(url: str, data_dir: Path, jobs: int) -> Loaded:
 class SqlCount:
     statements: int
     checkouts: int  # pool check-outs: each one a pre-ping round trip (pool_pre_ping)
-    transactions: int  # BEGIN ... COMMIT/ROLLBACK: two round trips each on psycopg2
+    transactions: int  # BEGIN ... COMMIT/ROLLBACK sent: two round trips each on psycopg2 (0 in autocommit)
     status: int
     body_bytes: int
 
@@ -346,8 +346,10 @@ def count_sql(app: Any, path: str, repeat: int = 3) -> SqlCount:
     def on_checkout(*_: Any) -> None:
         counts["checkouts"] += 1
 
-    def on_begin(*_: Any) -> None:
-        counts["transactions"] += 1
+    def on_begin(conn: Any) -> None:
+        # A read-only request's connection is in autocommit (see create_app): no BEGIN/ROLLBACK goes out.
+        if not conn.connection.dbapi_connection.autocommit:
+            counts["transactions"] += 1
 
     with app.app_context():
         engine = db.engine
@@ -713,8 +715,8 @@ def report(rows: list[Row], sql: list[tuple[str, SqlCount]], memory: list, args:
     for name, c in sql:
         print(f"  {name:46s} {c.statements:10d} {c.checkouts:9d} {c.transactions:12d} {c.status:6d} "
               f"{c.body_bytes:10d}")
-    print("  (each checkout is also a pool_pre_ping round trip; each transaction adds BEGIN and ROLLBACK round "
-          "trips; the limit proxy sends 1 statement in autocommit: 1 round trip)")
+    print("  (each checkout is also a pool_pre_ping round trip; each transaction sent adds BEGIN and ROLLBACK "
+          "round trips (GETs run in autocommit: none); the limit proxy sends 1 statement in autocommit: 1 round trip)")
     print()
     print("Against docs/performance.md:")
     by = {(r.scenario, r.workers, r.connections): r.result for r in rows}

@@ -1,0 +1,69 @@
+"""How requests use the database: on PostgreSQL, read-only requests run in autocommit (no BEGIN/ROLLBACK round
+trips), writing requests and work outside a request keep their transactions, and a connection a read used goes
+back to the pool ready for a transaction. Real PostgreSQL, through the HTTP layer.
+"""
+import pytest
+from flask import has_request_context, request
+from sqlalchemy import event, text, update
+
+from tests.factories import create_feature_group, feature_group_body
+from trainingmgr.extensions import db
+from trainingmgr.models import FeatureGroup
+
+FG = "/ai-ml-model-training/v1/featureGroup"
+
+
+@pytest.fixture
+def statements(app, backend):
+    """Every SQL statement as (HTTP method or None, DBAPI connection id, autocommit?, statement)."""
+    if backend != "postgresql":
+        pytest.skip("autocommit reads are a PostgreSQL rule; SQLite keeps BEGIN IMMEDIATE")
+    seen: list[tuple[str | None, int, bool, str]] = []
+
+    def record(conn, _cursor, statement, *_):
+        dbapi = conn.connection.dbapi_connection
+        seen.append((request.method if has_request_context() else None, id(dbapi), dbapi.autocommit, statement))
+
+    with app.app_context():
+        engine = db.engine
+    event.listen(engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(engine, "before_cursor_execute", record)
+
+
+def test_reads_autocommit_writes_in_transactions(app, client, statements):
+    create_feature_group(client, "cell_kpis")
+    for i in range(3):
+        assert client.get(f"{FG}/cell_kpis").status_code == 200
+        body = feature_group_body("cell_kpis", measurement=f"round_{i}")
+        assert client.put(f"{FG}/cell_kpis", json=body).status_code == 200
+    assert client.get(FG).status_code == 200
+    with app.app_context():  # a worker's or the CLI's session: not a request
+        db.session.execute(text("SELECT 1"))
+        db.session.rollback()
+
+    reads = [s for s in statements if s[0] == "GET"]
+    writes = [s for s in statements if s[0] in ("POST", "PUT")]
+    outside = [s for s in statements if s[0] is None]
+    assert len(reads) >= 4 and len(writes) >= 4 and outside
+    assert all(autocommit for _, _, autocommit, _ in reads), reads
+    assert not any(autocommit for _, _, autocommit, _ in writes), writes
+    assert not any(autocommit for _, _, autocommit, _ in outside), outside
+    # One thread, one pooled connection: the PUTs ran in a transaction on the very connection the GETs had used.
+    assert {conn for _, conn, _, _ in reads} & {conn for _, conn, _, _ in writes}
+
+
+def test_a_write_after_reads_is_still_a_transaction(app, client, statements):
+    """A connection that served a read goes back to the pool out of autocommit: a write on it that rolls back
+    leaves nothing behind."""
+    create_feature_group(client, "cell_kpis", measurement="before")
+    assert client.get(f"{FG}/cell_kpis").status_code == 200
+    with app.test_request_context(f"{FG}/cell_kpis", method="PUT"):
+        db.session.execute(
+            update(FeatureGroup).where(FeatureGroup.name == "cell_kpis").values(measurement="half_done")
+        )
+        db.session.rollback()  # as when the rest of a PUT fails
+        db.session.remove()
+    assert client.get(f"{FG}/cell_kpis").get_json()["featuregroup"]["measurement"] == "before"
+    put_conn = next(conn for method, conn, _, sql in statements if method == "PUT" and sql.startswith("UPDATE"))
+    assert put_conn in {conn for method, conn, _, _ in statements if method == "GET"}, "the GET's connection"
