@@ -1,7 +1,10 @@
-"""How requests use the database: on PostgreSQL, read-only requests run in autocommit (no BEGIN/ROLLBACK round
-trips), writing requests and work outside a request keep their transactions, and a connection a read used goes
-back to the pool ready for a transaction. Real PostgreSQL, through the HTTP layer.
+"""How requests use the database. Read-only requests (GET) run in autocommit on PostgreSQL (no BEGIN/ROLLBACK
+round trips) and in a deferred transaction on SQLite (they neither wait for the writer nor block it); writing
+requests and work outside a request keep their transactions (BEGIN IMMEDIATE on SQLite), and a connection a read
+used goes back to the pool ready for a transaction. Real databases, through the HTTP layer.
 """
+import sqlite3
+
 import pytest
 from flask import has_request_context, request
 from sqlalchemy import event, text, update
@@ -14,15 +17,14 @@ FG = "/ai-ml-model-training/v1/featureGroup"
 
 
 @pytest.fixture
-def statements(app, backend):
+def statements(app):
     """Every SQL statement as (HTTP method or None, DBAPI connection id, autocommit?, statement)."""
-    if backend != "postgresql":
-        pytest.skip("autocommit reads are a PostgreSQL rule; SQLite keeps BEGIN IMMEDIATE")
     seen: list[tuple[str | None, int, bool, str]] = []
 
     def record(conn, _cursor, statement, *_):
         dbapi = conn.connection.dbapi_connection
-        seen.append((request.method if has_request_context() else None, id(dbapi), dbapi.autocommit, statement))
+        autocommit = getattr(dbapi, "autocommit", None)  # psycopg2; sqlite3's is not ours to read here
+        seen.append((request.method if has_request_context() else None, id(dbapi), autocommit, statement))
 
     with app.app_context():
         engine = db.engine
@@ -31,7 +33,13 @@ def statements(app, backend):
     event.remove(engine, "before_cursor_execute", record)
 
 
-def test_reads_autocommit_writes_in_transactions(app, client, statements):
+@pytest.fixture
+def postgresql(backend):
+    if backend != "postgresql":
+        pytest.skip("autocommit reads are the PostgreSQL rule; SQLite has its own test here")
+
+
+def exercise(app, client):
     create_feature_group(client, "cell_kpis")
     for i in range(3):
         assert client.get(f"{FG}/cell_kpis").status_code == 200
@@ -42,6 +50,15 @@ def test_reads_autocommit_writes_in_transactions(app, client, statements):
         db.session.execute(text("SELECT 1"))
         db.session.rollback()
 
+
+def test_reads_do_not_write(app, client, statements):
+    exercise(app, client)
+    reads = [sql for method, _, _, sql in statements if method == "GET"]
+    assert reads and not [sql for sql in reads if sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE"))]
+
+
+def test_reads_autocommit_writes_in_transactions(app, client, statements, postgresql):
+    exercise(app, client)
     reads = [s for s in statements if s[0] == "GET"]
     writes = [s for s in statements if s[0] in ("POST", "PUT")]
     outside = [s for s in statements if s[0] is None]
@@ -53,7 +70,7 @@ def test_reads_autocommit_writes_in_transactions(app, client, statements):
     assert {conn for _, conn, _, _ in reads} & {conn for _, conn, _, _ in writes}
 
 
-def test_a_write_after_reads_is_still_a_transaction(app, client, statements):
+def test_a_write_after_reads_is_still_a_transaction(app, client, statements, postgresql):
     """A connection that served a read goes back to the pool out of autocommit: a write on it that rolls back
     leaves nothing behind."""
     create_feature_group(client, "cell_kpis", measurement="before")
@@ -67,3 +84,30 @@ def test_a_write_after_reads_is_still_a_transaction(app, client, statements):
     assert client.get(f"{FG}/cell_kpis").get_json()["featuregroup"]["measurement"] == "before"
     put_conn = next(conn for method, conn, _, sql in statements if method == "PUT" and sql.startswith("UPDATE"))
     assert put_conn in {conn for method, conn, _, _ in statements if method == "GET"}, "the GET's connection"
+
+
+@pytest.fixture
+def sqlite(backend):
+    if backend != "sqlite":
+        pytest.skip("the SQLite rule: deferred BEGIN for reads, BEGIN IMMEDIATE for the rest")
+
+
+def test_sqlite_reads_begin_deferred_writes_immediate(app, client, statements, sqlite):
+    exercise(app, client)
+    begins = [(method, sql) for method, _, _, sql in statements if sql.startswith("BEGIN")]
+    assert {sql for method, sql in begins if method == "GET"} == {"BEGIN"}
+    assert {sql for method, sql in begins if method != "GET"} == {"BEGIN IMMEDIATE"}
+
+
+def test_sqlite_reads_answer_while_a_writer_holds_the_lock(app, client, settings, sqlite):
+    create_feature_group(client, "cell_kpis")
+    writer = sqlite3.connect(settings.sqlalchemy_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # a worker step in the middle of its transaction
+        writer.execute("UPDATE feature_groups SET measurement = 'uncommitted'")
+        got = client.get(f"{FG}/cell_kpis")
+        assert got.status_code == 200
+        assert got.get_json()["featuregroup"]["measurement"] == "cell_kpis"  # the last committed state
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()

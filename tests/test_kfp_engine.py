@@ -7,6 +7,7 @@ kfp 2.17 client underneath: every test asserts the requests the server got.
 import hashlib
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -381,12 +382,31 @@ def test_failed_run_says_why(kfp: KfpDouble, make_engine, pipelines, registered)
     kfp.set_run_state(kfp_run_id, "FAILED", error="task train failed: ValueError: bad data")
     status = engine.run_status("tj1-aaaaaaaa")
     assert status == RunStatus("FAILED", error="pipeline run ended FAILED: task train failed: ValueError: bad data")
+    assert status.ended_at == _parsed(kfp.runs[kfp_run_id]["finished_at"])
 
 
 def test_succeeded_run_has_no_local_model(kfp: KfpDouble, make_engine, pipelines, registered):
     engine = make_engine()
-    kfp.set_run_state(engine.start_run("tj1-aaaaaaaa", pipelines["training"], registered, PARAMETERS), "SUCCEEDED")
-    assert engine.run_status("tj1-aaaaaaaa") == RunStatus("SUCCEEDED", model_path=None, metrics={})
+    kfp_run_id = engine.start_run("tj1-aaaaaaaa", pipelines["training"], registered, PARAMETERS)
+    kfp.set_run_state(kfp_run_id, "SUCCEEDED")
+    status = engine.run_status("tj1-aaaaaaaa")
+    assert status == RunStatus("SUCCEEDED", model_path=None, metrics={})
+    # The server's record of the end (its finished_at), in UTC.
+    assert status.ended_at == _parsed(kfp.runs[kfp_run_id]["finished_at"]) and status.ended_at.tzinfo is not None
+
+
+def test_an_unset_finish_time_is_unknown(kfp: KfpDouble, make_engine, pipelines, registered):
+    """KFP answers a zero timestamp (1970-01-01) for a time it has not recorded."""
+    engine = make_engine()
+    kfp_run_id = engine.start_run("tj1-aaaaaaaa", pipelines["training"], registered, PARAMETERS)
+    kfp.set_run_state(kfp_run_id, "SUCCEEDED")
+    kfp.runs[kfp_run_id]["finished_at"] = "1970-01-01T00:00:00Z"
+    status = engine.run_status("tj1-aaaaaaaa")
+    assert status.state == "SUCCEEDED" and status.ended_at is None
+
+
+def _parsed(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
 def test_status_after_a_restart_finds_the_run_by_name(kfp: KfpDouble, make_engine, pipelines, registered):

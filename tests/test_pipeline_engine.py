@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -139,10 +140,15 @@ def live_group_members(pgid: int) -> list[int]:
 def test_a_run_succeeds_with_its_model_folder_and_metrics(make_engine, pipelines):
     engine = make_engine()
     assert engine.register_version("succeeding", 1, pipelines["succeeding"], "") is None
+    started = datetime.now(timezone.utc)
     run_id = engine.start_run("run-ok_1", pipelines["succeeding"], None, {"featurepath": "cells_7", "epochs": "3"})
     assert run_id == "run-ok_1"
     status = wait_for(engine, run_id)
     assert status.state == "SUCCEEDED", status
+    # When the runner wrote its result, not when we looked: it stays the same however late the next look is.
+    assert started < status.ended_at <= datetime.now(timezone.utc)
+    time.sleep(0.05)
+    assert engine.run_status(run_id).ended_at == status.ended_at
     assert status.error is None
     assert status.metrics == {"accuracy": 0.9, "epochs": 3}
     model = Path(status.model_path)

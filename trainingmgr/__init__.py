@@ -39,13 +39,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _read_only_request() -> bool:
+    """Serving GET, HEAD or OPTIONS. These handlers only read: that is the rule this relies on."""
+    return has_request_context() and request.method in READ_ONLY_METHODS
+
+
 def _sqlite_begin(conn: Any) -> None:
     # IMMEDIATE: take the write lock at the start. A deferred transaction that reads and then writes fails at
     # once with "database is locked" when another writer committed in between; waiting for the lock does not.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+    # A read-only request never writes: its deferred BEGIN neither waits for the writer nor blocks it (WAL).
+    conn.exec_driver_sql("BEGIN" if _read_only_request() else "BEGIN IMMEDIATE")
 
 
 def _postgres_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
@@ -53,7 +59,7 @@ def _postgres_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None
     # statement has its own snapshot anyway, so answers are the same, and the BEGIN and ROLLBACK round trips (half
     # the database time of a one-row GET) go away. psycopg2 sets this client-side, without a round trip. Workers
     # and writing requests keep their transactions.
-    if has_request_context() and request.method in READ_ONLY_METHODS:
+    if _read_only_request():
         dbapi_connection.autocommit = True
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping
 
@@ -87,6 +88,8 @@ class RunStatus:
     error: str | None = None
     model_path: str | None = None  # the trained model (file or folder) on this machine, when SUCCEEDED
     metrics: dict[str, Any] = field(default_factory=dict)
+    # When the run ended, by the engine's record (not when we looked); None while running or when unknown.
+    ended_at: datetime | None = field(default=None, compare=False)
 
 
 class PipelineEngine(abc.ABC):

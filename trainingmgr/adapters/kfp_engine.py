@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -120,6 +121,13 @@ def _same_spec(remote: Any, local: dict[str, Any]) -> bool:
         remote = remote["pipeline_spec"]
     # The server keeps the spec as a protobuf Struct (numbers as floats): compare values, not text.
     return isinstance(remote, dict) and json.loads(json.dumps(remote)) == json.loads(json.dumps(local))
+
+
+def _aware(moment: Any) -> datetime | None:
+    """KFP's timestamps are UTC; the client may parse them without a zone. An unset one reads 1970-01-01."""
+    if not isinstance(moment, datetime) or moment.year <= 1970:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _open_client(host: str, token: str, request_timeout: tuple[float, float]) -> Any:
@@ -287,11 +295,13 @@ class KfpPipelineEngine(PipelineEngine):
                 raise AdapterError(f"unknown run {run_id!r}") from None
             raise
         state = str(run.state or "").upper()
+        ended_at = _aware(getattr(run, "finished_at", None))
         if state == SUCCEEDED:
-            return RunStatus(SUCCEEDED)
+            return RunStatus(SUCCEEDED, ended_at=ended_at)
         if state in FAILED_STATES:
             message = getattr(run.error, "message", None) if run.error is not None else None
-            return RunStatus("FAILED", error=f"pipeline run ended {state}" + (f": {message}" if message else ""))
+            return RunStatus("FAILED", error=f"pipeline run ended {state}" + (f": {message}" if message else ""),
+                             ended_at=ended_at)
         return RunStatus("RUNNING")
 
     def terminate(self, run_id: str) -> None:

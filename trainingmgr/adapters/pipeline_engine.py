@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -371,8 +372,10 @@ class LocalPipelineEngine(PipelineEngine):
             time.sleep(0.05)
 
     def _result(self, run_dir: Path) -> RunStatus | None:
+        result_file = run_dir / "result.json"
         try:
-            data = json.loads((run_dir / "result.json").read_text())
+            data = json.loads(result_file.read_text())
+            ended_at = datetime.fromtimestamp(result_file.stat().st_mtime, timezone.utc)
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
@@ -385,6 +388,7 @@ class LocalPipelineEngine(PipelineEngine):
                 "SUCCEEDED",
                 model_path=data.get("model_path"),
                 metrics=metrics if isinstance(metrics, dict) else {},
+                ended_at=ended_at,
             )
         error = ANSI.sub("", str(data.get("error") or "the run failed"))
         if error != TERMINATED:
@@ -392,4 +396,4 @@ class LocalPipelineEngine(PipelineEngine):
             cause = _last_exception(run_dir / "output.log")
             if cause and cause not in error:
                 error = f"{error} {cause}"
-        return RunStatus("FAILED", error=error)
+        return RunStatus("FAILED", error=error, ended_at=ended_at)

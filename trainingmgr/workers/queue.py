@@ -16,16 +16,13 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from ..models import WorkItem
+from ..models.base import utcnow
 
 EXTRACT = "extract"
 START_RUN = "start_run"
 WATCH_RUN = "watch_run"
 NOTIFY = "notify"
 KINDS = (EXTRACT, START_RUN, WATCH_RUN, NOTIFY)
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def as_utc(value: datetime | None) -> datetime | None:

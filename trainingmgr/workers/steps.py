@@ -7,20 +7,20 @@ import logging
 import shutil
 import tempfile
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..adapters.base import AdapterError, ExtractionRequest
+from ..adapters.base import AdapterError, ExtractionRequest, RunStatus
 from ..adapters.object_store import model_key
 from ..models import PipelineVersion, TrainingJob, WorkItem
 from ..services import lifecycle as lc
 from ..services.training_jobs import featurepath
 from ..services.transitions import JobTransitions
-from .queue import EXTRACT, NOTIFY, START_RUN, WATCH_RUN, Claim, WorkQueue, utcnow
+from .queue import EXTRACT, NOTIFY, START_RUN, WATCH_RUN, Claim, WorkQueue, as_utc, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,15 @@ def zip_model(model_path: Path, into: Path) -> Path:
             zf.write(model_path, arcname=model_path.name)
     return target
 
+
+
+def _run_end(status: RunStatus, started_at: datetime | None) -> datetime:
+    """The engine's record of when the run ended, not the moment we looked; kept between the run's start and now,
+    since the engine's clock is not ours."""
+    now = utcnow()
+    if status.ended_at is None:
+        return now
+    return min(max(status.ended_at, as_utc(started_at) or status.ended_at), now)
 
 class StepExecutor:
     def __init__(self, container: Any, session: Session):
@@ -225,7 +234,7 @@ class StepExecutor:
                                       f"the pipeline run did not finish within {self.settings.training_deadline} s")
                 delay = engine.watch_interval if status is not None else backoff(claim.attempts)
                 return self._later(claim, delay, count_attempt=status is None)
-            job.run_ended_at = utcnow()
+            job.run_ended_at = _run_end(status, job.run_started_at)
             if status.state != "SUCCEEDED":
                 return self._fail(claim, job, f"the pipeline run failed: {status.error or 'no reason given'}")
             self.transitions.move(job, (lc.TRAINING, lc.FINISHED), (lc.TRAINING_AND_TRAINED_MODEL, lc.IN_PROGRESS))

@@ -1,0 +1,28 @@
+"""The job's run_ended_at is the engine's record of the run's end, kept between the run's start and now."""
+from datetime import datetime, timedelta, timezone
+
+from trainingmgr.adapters.base import RunStatus
+from trainingmgr.workers.steps import _run_end
+
+START = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def test_the_engines_end_time_is_kept():
+    ended = START + timedelta(seconds=42)
+    assert _run_end(RunStatus("SUCCEEDED", ended_at=ended), START) == ended
+
+
+def test_an_unknown_end_is_now():
+    before = datetime.now(timezone.utc)
+    assert before <= _run_end(RunStatus("FAILED", error="x"), START) <= datetime.now(timezone.utc)
+
+
+def test_another_clock_cannot_put_the_end_before_the_start_or_in_the_future():
+    assert _run_end(RunStatus("SUCCEEDED", ended_at=START - timedelta(days=700)), START) == START
+    far = datetime.now(timezone.utc) + timedelta(hours=1)
+    assert _run_end(RunStatus("SUCCEEDED", ended_at=far), START) <= datetime.now(timezone.utc)
+
+
+def test_a_start_read_back_from_sqlite_without_a_zone_is_utc():
+    naive_start = START.replace(tzinfo=None)
+    assert _run_end(RunStatus("SUCCEEDED", ended_at=START - timedelta(seconds=5)), naive_start) == START
