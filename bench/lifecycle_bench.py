@@ -31,6 +31,7 @@ from trainingmgr import create_app  # noqa: E402
 from trainingmgr.config import Settings  # noqa: E402
 from trainingmgr.extensions import db  # noqa: E402
 from trainingmgr.models import TrainingJob  # noqa: E402
+from trainingmgr.schema import upgrade  # noqa: E402
 
 JOBS = "/ai-ml-model-training/v1/training-jobs"
 
@@ -76,14 +77,12 @@ def one_job(app, model: str) -> tuple[int, float]:
 
 def run(concurrency: int, database_url: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(data_dir=tmp, database_url=database_url or "", secret_key="bench", log_level=os.environ.get("TM_BENCH_LOG_LEVEL", "WARNING"),
+        settings = Settings(data_dir=tmp, database_url=database_url or "", secret_key="bench",
+                            log_level=os.environ.get("TM_BENCH_LOG_LEVEL", "WARNING"),
                             max_concurrent_runs=max(4, concurrency), worker_threads=max(4, concurrency),
                             worker_poll_seconds=0.05)
         app = create_app(settings)
-        with app.app_context():
-            from flask_migrate import upgrade
-
-            upgrade()
+        upgrade(app)
         setup(app.test_client())
         app.extensions["trainingmgr"].start_worker(app)
         try:

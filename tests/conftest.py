@@ -20,6 +20,7 @@ from trainingmgr import create_app
 from trainingmgr.config import Settings
 from trainingmgr.extensions import db
 from trainingmgr.models import Base
+from trainingmgr.schema import upgrade
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "TM_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -29,11 +30,9 @@ TEST_SECRET_KEY = "test-secret-key"
 
 
 def _migrate(settings: Settings) -> None:
-    from flask_migrate import upgrade
-
     app = create_app(settings)
+    upgrade(app)
     with app.app_context():
-        upgrade()
         db.engine.dispose()
 
 

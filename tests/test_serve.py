@@ -74,3 +74,33 @@ def test_serve_migrates_and_answers_on_the_configured_port(tmp_path):
     assert "Running upgrade" in output  # the schema was migrated before serving
     assert '"path": "/featureGroup/served_fg"' in output  # structured access log
     assert "tok-never-logged" not in output
+
+
+def test_serve_stops_with_a_clear_message_when_the_schema_cannot_be_migrated(tmp_path):
+    """No gunicorn starts on a database that cannot be reached: serving it would only answer 500s."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "TM_HOST": "127.0.0.1",
+        "TM_PORT": str(free_port()),
+        "TM_DATA_DIR": str(tmp_path),
+        "TM_DATABASE_URL": f"postgresql+psycopg2://postgres@127.0.0.1:{dead}/none",
+    }
+    done = subprocess.run([sys.executable, "-m", "trainingmgr", "serve"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "the database schema could not be brought up to date" in done.stderr
+    assert "Starting gunicorn" not in done.stdout + done.stderr
+
+
+def test_serve_rejects_bad_settings_before_doing_anything(tmp_path):
+    env = {**os.environ, "TM_DATA_DIR": str(tmp_path), "TM_PORT": "99999"}
+    env.pop("TM_DATABASE_URL", None)
+    done = subprocess.run([sys.executable, "-m", "trainingmgr", "serve"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "TM_PORT must be between 1 and 65535" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "trainingmgr.db").exists()  # not even migrated

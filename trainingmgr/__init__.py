@@ -75,7 +75,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     from .api.metrics import install_metrics
     from .container import Container
     from .errors import register_error_handlers
-    from .extensions import db, migrate
+    from .extensions import db
     from .logs import configure_logging, install_request_logging
 
     if isinstance(config, Settings):
@@ -97,7 +97,6 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         settings.data_path.mkdir(parents=True, exist_ok=True)
 
     db.init_app(app)
-    migrate.init_app(app, db, directory=str(MIGRATIONS_DIR), render_as_batch=True, compare_type=True)
     if settings.is_sqlite:
         with app.app_context():
             event.listen(db.engine, "connect", _sqlite_pragmas)

@@ -11,11 +11,15 @@ from flask import current_app
 from flask.cli import FlaskGroup, with_appcontext
 
 from . import create_app
-from .config import Settings
+from .config import Settings, SettingsError
 
 
 def _create_app() -> Any:
-    return create_app()
+    from .schema import enable_migrations
+
+    app = create_app()
+    enable_migrations(app)  # the `db` commands
+    return app
 
 
 @click.group(cls=FlaskGroup, create_app=_create_app, add_version_option=False, load_dotenv=False)
@@ -23,28 +27,35 @@ def cli() -> None:
     """Training Manager of the O-RAN AI/ML framework."""
 
 
-def upgrade_database() -> None:
-    from flask_migrate import upgrade
+def upgrade_database_in_child() -> None:
+    """`trainingmgr db upgrade` in a process of its own: the gunicorn master stays small (no app, no Alembic), so
+    the workers it forks do not each carry a copy of what only the migration needed."""
+    import subprocess
+    import sys
 
-    upgrade()
+    done = subprocess.run([sys.executable, "-m", "trainingmgr", "db", "upgrade"], stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise click.ClickException("the database schema could not be brought up to date (its error is above)")
 
 
-@cli.command("serve")
+@cli.command("serve", with_appcontext=False)  # the master builds no app: see upgrade_database_in_child
 @click.option("--host", default=None, help="Address to listen on (TM_HOST).")
 @click.option("--port", type=int, default=None, help="Port to listen on (TM_PORT).")
 @click.option("--workers", type=int, default=None, help="gunicorn worker processes (TM_WORKERS).")
 @click.option("--demo", is_flag=True, help="Once serving, train the bundled example end to end through the API.")
-@with_appcontext
 def serve(host: str | None, port: int | None, workers: int | None, demo: bool) -> None:
     """Bring the database schema up to date, then serve with gunicorn."""
     from gunicorn.app.base import BaseApplication
 
-    settings: Settings = current_app.config["TM_SETTINGS"]
-    overrides = {k: v for k, v in {"host": host, "port": port, "workers": workers}.items() if v is not None}
-    settings = settings.replace(**overrides)
-    settings.validate()
-    # Once, in the master, before workers fork: workers never race on the schema.
-    upgrade_database()
+    try:
+        settings = Settings.from_env()
+        overrides = {k: v for k, v in {"host": host, "port": port, "workers": workers}.items() if v is not None}
+        settings = settings.replace(**overrides)
+        settings.validate()
+    except SettingsError as e:
+        raise click.ClickException(str(e)) from None
+    # Once, before any worker starts: workers never race on the schema.
+    upgrade_database_in_child()
 
     class Server(BaseApplication):
         def load_config(self) -> None:
@@ -95,7 +106,7 @@ def _demo_when_ready(url: str) -> None:
         click.echo("demo: the service did not become ready", err=True)
 
 
-@cli.command("demo")
+@cli.command("demo", with_appcontext=False)
 @click.option("--url", default=None, help="A running service; without it, one is started for the demo.")
 @click.option("--timeout", type=float, default=300, help="Seconds each training may take.")
 def demo(url: str | None, timeout: float) -> None:
@@ -136,13 +147,15 @@ def worker(threads: int | None) -> None:
     import signal
     import threading
 
+    from .schema import upgrade
     from .workers.runner import Worker
 
-    upgrade_database()
+    app = current_app._get_current_object()
+    upgrade(app)  # a worker may start before any server: the schema must be there
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
-    running = Worker(current_app._get_current_object(), threads=threads).start()
+    running = Worker(app, threads=threads).start()
     click.echo(f"trainingmgr worker {running.name} running {running.threads} threads; stop with SIGTERM")
     stopping.wait()
     running.stop()
