@@ -1,5 +1,6 @@
 """/readyz checks every configured component; /metrics counts jobs, pending steps and requests."""
 import pytest
+from sqlalchemy import select
 
 from tests.test_serve import free_port
 from tests.test_training_lifecycle import setup  # noqa: F401  (fixture)
@@ -29,11 +30,41 @@ def test_metrics_count_jobs_steps_and_requests(setup_job_client):
     assert 'trainingmgr_training_jobs{status="NOT_STARTED"} 1.0' in text
     assert 'trainingmgr_training_jobs{status="FINISHED"} 0.0' in text
     assert 'trainingmgr_pending_steps{kind="extract"} 1.0' in text
+    assert 'trainingmgr_step_queue_delay_seconds{kind="start_run"} 0.0' in text  # none waiting
     assert 'trainingmgr_http_requests_total{endpoint="training_jobs.create_training_job",method="POST",status="201"} 1.0' \
         in text
     client.get(f"/ai-ml-model-training/v1/training-jobs/{job_id + 1000}")
     assert 'endpoint="training_jobs.get_training_job",method="GET",status="404"} 1.0' in \
         client.get("/metrics").get_data(as_text=True)
+
+
+def test_metrics_show_how_long_due_steps_wait_for_a_worker(setup_job_client, app):
+    """No worker runs here: the job's extraction step is due and waits; once a worker holds it, it no longer counts."""
+    from datetime import timedelta
+
+    from trainingmgr.extensions import db
+    from trainingmgr.models import WorkItem
+    from trainingmgr.models.base import utcnow
+
+    client, job_id = setup_job_client
+    with app.app_context():
+        item = db.session.scalars(select(WorkItem).where(WorkItem.job_id == job_id)).one()
+        item_id = item.id
+        item.due_at = utcnow() - timedelta(seconds=90)
+        db.session.commit()
+    assert 90 <= _gauge(client, "trainingmgr_step_queue_delay_seconds", "extract") < 200
+    with app.app_context():
+        item = db.session.get(WorkItem, item_id)
+        item.lease_owner, item.lease_until = "worker-1", utcnow() + timedelta(seconds=30)
+        db.session.commit()
+    assert _gauge(client, "trainingmgr_step_queue_delay_seconds", "extract") == 0.0
+
+
+def _gauge(client, name: str, kind: str) -> float:
+    for line in client.get("/metrics").get_data(as_text=True).splitlines():
+        if line.startswith(f'{name}{{kind="{kind}"}} '):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name}{{kind={kind!r}}} not in /metrics")
 
 
 @pytest.fixture

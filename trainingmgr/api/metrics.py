@@ -1,5 +1,5 @@
-"""Prometheus metrics: training jobs by status and pending steps (from the shared database, so every process
-answers the same), and this process's requests (each gunicorn worker counts its own)."""
+"""Prometheus metrics: training jobs by status, pending steps and how long due steps wait (from the shared
+database, so every process answers the same), and this process's requests (each gunicorn worker counts its own)."""
 from __future__ import annotations
 
 import time
@@ -8,11 +8,13 @@ from typing import Any, Iterator
 from flask import Blueprint, Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
 from ..extensions import db
 from ..models import TrainingJob, WorkItem
+from ..models.base import utcnow
 from ..services import lifecycle as lc
+from ..workers.queue import KINDS, as_utc
 
 bp = Blueprint("metrics", __name__)
 
@@ -30,6 +32,19 @@ class DatabaseCollector:
         for kind, count in db.session.execute(select(WorkItem.kind, func.count()).group_by(WorkItem.kind)).all():
             pending.add_metric([kind], count)
         yield pending
+        # Steps that are due and that no worker holds: a delay that keeps growing means too few workers (or none).
+        delay = GaugeMetricFamily("trainingmgr_step_queue_delay_seconds",
+                                  "How long the oldest due, unclaimed step of each kind has waited", labels=["kind"])
+        now = utcnow()
+        oldest = dict(db.session.execute(
+            select(WorkItem.kind, func.min(WorkItem.due_at))
+            .where(WorkItem.due_at <= now, or_(WorkItem.lease_until.is_(None), WorkItem.lease_until < now))
+            .group_by(WorkItem.kind)
+        ).all())
+        for kind in KINDS:
+            due = as_utc(oldest.get(kind))
+            delay.add_metric([kind], max(0.0, (now - due).total_seconds()) if due is not None else 0.0)
+        yield delay
 
 
 def install_metrics(app: Flask) -> None:
