@@ -137,6 +137,29 @@ def live_group_members(pgid: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------- outcomes
+def test_the_end_of_a_run_this_process_started_is_announced(make_engine, pipelines):
+    engine = make_engine()
+    ended: list[str] = []
+    announced = threading.Event()
+    engine.listen_for_run_ends(lambda run_id: (ended.append(run_id), announced.set()))
+    run_id = engine.start_run("run-told_1", pipelines["succeeding"], None, {"featurepath": "f", "epochs": "1"})
+    assert announced.wait(120), "no announcement"
+    assert ended == [run_id]
+    # Announced once the result is there: the first look after it already sees the outcome.
+    assert engine.run_status(run_id).state == "SUCCEEDED"
+
+
+def test_a_failing_listener_changes_nothing_for_the_run(make_engine, pipelines):
+    engine = make_engine()
+
+    def broken(_run_id: str) -> None:
+        raise RuntimeError("listener bug")
+
+    engine.listen_for_run_ends(broken)
+    run_id = engine.start_run("run-told_2", pipelines["succeeding"], None, {"featurepath": "f", "epochs": "1"})
+    assert wait_for(engine, run_id).state == "SUCCEEDED"
+
+
 def test_a_run_succeeds_with_its_model_folder_and_metrics(make_engine, pipelines):
     engine = make_engine()
     assert engine.register_version("succeeding", 1, pipelines["succeeding"], "") is None

@@ -169,6 +169,16 @@ def test_training_then_retraining_end_to_end(setup, worker, rapp):
     assert legacy["id"] == again["id"] and legacy["steps_state"]["TRAINED_MODEL"] == "FINISHED"
 
 
+def test_a_run_ending_is_noticed_at_once_not_at_the_next_look(setup, worker, app):
+    """The engine announces the end of a run this process started: the job moves on without waiting for the next
+    regular look (here made 10 minutes away, so only the announcement can end the job in time)."""
+    app.extensions["trainingmgr"].engine.watch_interval = 600
+    client = setup
+    job = client.post(JOBS, json=job_request()).get_json()
+    done = wait_for(client, job["id"], timeout=120)
+    assert done["status"] == "FINISHED", done
+
+
 def test_failing_pipeline_fails_the_job_and_tells_the_rapp(setup, worker, rapp, tmp_path):
     client = setup
     upload(client, "explodes", failing_pipeline(tmp_path))

@@ -7,7 +7,7 @@ import abc
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 
 class AdapterError(Exception):
@@ -119,6 +119,10 @@ class PipelineEngine(abc.ABC):
 
     def ready(self) -> bool:
         return True
+
+    def listen_for_run_ends(self, listener: Callable[[str], None] | None) -> None:
+        """An engine that learns of a run's end as it happens calls listener(run_id) then, so the run is looked at
+        at once; the others are only looked at every watch_interval (the default: nothing to do). None: stop."""
 
 
 # ------------------------------------------------------------------------------------------- notifier

@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -200,6 +200,10 @@ class LocalPipelineEngine(PipelineEngine):
     service all see the same runs. Starting is serialised (a thread lock and a lock file) so the limit holds.
     """
 
+    # A run this process started is announced the moment its process exits (listen_for_run_ends); this interval
+    # only paces the looks at runs that another process started, or that were started before a restart.
+    watch_interval = 1.0
+
     def __init__(self, runs_dir: Path, max_concurrent: int, *, terminate_grace: float = 5.0):
         self.runs_dir = Path(runs_dir).resolve()
         self.max_concurrent = max_concurrent
@@ -207,6 +211,7 @@ class LocalPipelineEngine(PipelineEngine):
         self._lock = threading.RLock()
         # Runners this process started and has not reaped yet (reaping makes a finished runner's pid vanish).
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._run_end_listener: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ PipelineEngine
     def register_version(self, pipeline_name: str, version: int, file_path: Path, description: str) -> str | None:
@@ -256,8 +261,25 @@ class LocalPipelineEngine(PipelineEngine):
                 raise AdapterError(f"the run could not start: {e}", retryable=True) from None
             self._children[run_id] = process
             _write_atomic(run_dir / "pid", str(process.pid))
+        threading.Thread(target=self._announce_end, args=(run_id, process), name=f"tm-run-{run_id}",
+                         daemon=True).start()
         log.info("pipeline run started", extra={"run_id": run_id, "pid": process.pid})
         return run_id
+
+    def listen_for_run_ends(self, listener: Callable[[str], None] | None) -> None:
+        self._run_end_listener = listener
+
+    def _announce_end(self, run_id: str, process: subprocess.Popen[bytes]) -> None:
+        # One thread per run this process started (at most max_concurrent): it waits for the runner's exit, by
+        # which time result.json is written.
+        process.wait()
+        listener = self._run_end_listener
+        if listener is None:
+            return
+        try:
+            listener(run_id)
+        except Exception:  # the run is still found at the next regular look
+            log.exception("run end listener failed", extra={"run_id": run_id})
 
     def run_status(self, run_id: str) -> RunStatus:
         run_dir = self._existing(run_id)

@@ -19,7 +19,7 @@ from ..extensions import db
 from ..models import TrainingJob, WorkItem
 from ..services import lifecycle as lc
 from ..services.transitions import JobTransitions
-from .queue import NOTIFY, LeaseLost, WorkQueue
+from .queue import NOTIFY, WATCH_RUN, LeaseLost, WorkQueue
 from .steps import StepExecutor
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class Worker:
         # Build the adapters now (imports of pandas, kfp ...) so the first job does not pay for them.
         for adapter in ("engine", "extractor", "object_store", "notifier"):
             getattr(self.container, adapter)
+        self.container.engine.listen_for_run_ends(self.run_ended)
         self.recover()
         for i in range(self.threads):
             t = threading.Thread(target=self._loop, args=(f"{self.name}:{i}",), name=f"tm-worker-{i}", daemon=True)
@@ -57,6 +58,7 @@ class Worker:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        self.container.engine.listen_for_run_ends(None)
         self._stop.set()
         self._wake.set()
         for t in self._threads:
@@ -65,6 +67,21 @@ class Worker:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def run_ended(self, run_id: str) -> None:
+        """The engine saw a run end: its watch step is due now, not at its next look (called from the engine)."""
+        with self.app.app_context():
+            try:
+                job_id = db.session.scalar(select(TrainingJob.id).where(TrainingJob.run_id == run_id))
+                if job_id is not None:
+                    WorkQueue(db.session).make_due(job_id, WATCH_RUN)
+                    db.session.commit()
+            except Exception:  # the regular look still finds it
+                db.session.rollback()
+                log.exception("could not hurry the watch of an ended run", extra={"run_id": run_id})
+            finally:
+                db.session.remove()
+        self.wake()
 
     def recover(self) -> int:
         """Fail jobs left unfinished with no work to move them on (only possible after lost data), once at start."""
