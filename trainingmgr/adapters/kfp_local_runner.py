@@ -1,8 +1,9 @@
-"""Runs one compiled pipeline with kfp.local, in a process of its own: `python -m ... RUN_DIR`.
+"""Runs one compiled pipeline with kfp.local, in a process of its own: `python -m ... RUN_DIR [DONE_FD]`.
 
 kfp.local is process-wide (local.init) and swaps builtins.print during a task, so each run gets its own process.
 RUN_DIR holds `request.json` ({"pipeline_file", "parameters"}); the runner writes `result.json` atomically:
-{"state": "SUCCEEDED"|"FAILED", "error", "model_path", "metrics"}. The run's files stay under RUN_DIR/root.
+{"state": "SUCCEEDED"|"FAILED", "error", "model_path", "metrics"}, then closes DONE_FD (a pipe the service reads).
+The run's files stay under RUN_DIR/root.
 """
 from __future__ import annotations
 
@@ -88,12 +89,15 @@ def run(run_dir: Path) -> dict[str, Any]:
 
 def main() -> None:
     run_dir = Path(sys.argv[1])
+    done_fd = int(sys.argv[2]) if len(sys.argv) > 2 else None  # the service's "result written" pipe
     try:
         result = run(run_dir)
     except Exception as e:  # a broken pipeline file or parameters: the run failed, say why
         traceback.print_exc()
         result = {"state": "FAILED", "error": f"{e.__class__.__name__}: {ANSI.sub('', str(e))}"[-2000:]}
     write_result(run_dir, result)
+    if done_fd is not None:
+        os.close(done_fd)  # tells the service now; this interpreter's teardown may take a while
 
 
 if __name__ == "__main__":

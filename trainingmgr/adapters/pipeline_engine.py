@@ -245,23 +245,30 @@ class LocalPipelineEngine(PipelineEngine):
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
             env["PYTHONUNBUFFERED"] = "1"
+            # The runner closes its end of this pipe once result.json is written (or dies): the service learns of
+            # the end then, not after the runner's interpreter has torn down kfp, pandas and the rest.
+            done_read, done_write = os.pipe()
             try:
                 with open(run_dir / "output.log", "ab") as output:
                     process = subprocess.Popen(
-                        [sys.executable, "-m", RUNNER_MODULE, str(run_dir)],
+                        [sys.executable, "-m", RUNNER_MODULE, str(run_dir), str(done_write)],
                         stdin=subprocess.DEVNULL,
                         stdout=output,
                         stderr=subprocess.STDOUT,
                         cwd=run_dir,
                         env=env,
                         close_fds=True,
+                        pass_fds=(done_write,),
                         start_new_session=True,  # survives a restart of the service; terminate kills the group
                     )
             except OSError as e:
+                os.close(done_read)
                 raise AdapterError(f"the run could not start: {e}", retryable=True) from None
+            finally:
+                os.close(done_write)
             self._children[run_id] = process
             _write_atomic(run_dir / "pid", str(process.pid))
-        threading.Thread(target=self._announce_end, args=(run_id, process), name=f"tm-run-{run_id}",
+        threading.Thread(target=self._announce_end, args=(run_id, done_read), name=f"tm-run-{run_id}",
                          daemon=True).start()
         log.info("pipeline run started", extra={"run_id": run_id, "pid": process.pid})
         return run_id
@@ -269,10 +276,13 @@ class LocalPipelineEngine(PipelineEngine):
     def listen_for_run_ends(self, listener: Callable[[str], None] | None) -> None:
         self._run_end_listener = listener
 
-    def _announce_end(self, run_id: str, process: subprocess.Popen[bytes]) -> None:
-        # One thread per run this process started (at most max_concurrent): it waits for the runner's exit, by
-        # which time result.json is written.
-        process.wait()
+    def _announce_end(self, run_id: str, done_read: int) -> None:
+        # One thread per run this process started (at most max_concurrent). The read returns b"" when the runner
+        # has closed its end: result.json is written, or the runner died (then the look finds it gone).
+        try:
+            os.read(done_read, 1)
+        finally:
+            os.close(done_read)
         listener = self._run_end_listener
         if listener is None:
             return
