@@ -35,6 +35,7 @@ from kfp_server_api.exceptions import ApiException
 
 from .base import AdapterError, PipelineEngine, RunStatus
 from .pipeline_engine import _coerce, _load_spec, _parameter_definitions
+from .pipeline_files import yaml_documents
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def _package(file_path: Path) -> dict[str, Any]:
     """The compiled pipeline as a run's inline pipeline_spec (what kfp.Client sends for a package)."""
     try:
         with open(file_path, encoding="utf-8") as f:
-            documents = [d for d in yaml.safe_load_all(f) if d is not None]
+            documents = [d for d in yaml_documents(f) if d is not None]
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise AdapterError(f"pipeline file {file_path} cannot be read: {e.__class__.__name__}") from None
     platform: dict[str, Any] = {}

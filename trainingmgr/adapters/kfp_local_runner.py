@@ -28,10 +28,10 @@ def write_result(run_dir: Path, result: dict[str, Any]) -> None:
 
 def output_types(pipeline_file: str) -> dict[tuple[str, str], str]:
     """(task name, output name) -> schemaTitle, from the compiled pipeline: kfp's executor_output.json has no types."""
-    import yaml
+    from .pipeline_files import yaml_documents
 
     # kfp may append platform config as a second YAML document: the pipeline spec is the first.
-    spec = next(yaml.safe_load_all(Path(pipeline_file).read_text()))
+    spec = next(yaml_documents(Path(pipeline_file).read_text()))
     components = spec.get("components", {})
     types: dict[tuple[str, str], str] = {}
 

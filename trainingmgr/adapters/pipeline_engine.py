@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from .base import AdapterError, PipelineEngine, RunStatus
+from .pipeline_files import yaml_documents
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _load_spec(file_path: Path) -> dict[str, Any]:
     """The pipeline spec: the first YAML document of a compiled pipeline (a second one may hold platform config)."""
     try:
         with open(file_path, encoding="utf-8") as f:
-            document = next(yaml.safe_load_all(f), None)
+            document = next(yaml_documents(f), None)
     except FileNotFoundError:
         raise AdapterError(f"pipeline file {file_path} does not exist") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:

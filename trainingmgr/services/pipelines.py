@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from ..adapters.base import AdapterError
+from ..adapters.pipeline_files import yaml_documents
 from ..errors import BadRequest, NotFound, ServiceUnavailable
 from ..models import Experiment, Pipeline, PipelineVersion
 from ..models.base import utcnow
@@ -50,7 +51,7 @@ def parse_pipeline_spec(content: bytes) -> dict[str, Any]:
         raise BadRequest("The file is not a compiled pipeline: it is not UTF-8 text.") from None
     try:
         # A compiled pipeline may carry a second document (platform config); the first is the pipeline spec.
-        document = next(yaml.safe_load_all(text), None)
+        document = next(yaml_documents(text), None)
     except yaml.MarkedYAMLError as e:
         where = f" at line {e.problem_mark.line + 1} column {e.problem_mark.column + 1}" if e.problem_mark else ""
         raise BadRequest(f"The file is not valid YAML: {e.problem or e.context}{where}.") from None
