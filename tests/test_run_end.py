@@ -1,4 +1,5 @@
-"""The job's run_ended_at is the engine's record of the run's end, kept between the run's start and now."""
+"""Runs of a job: the run id names its job, and run_ended_at is the engine's record of the end, kept between the
+run's start and now."""
 from datetime import datetime, timedelta, timezone
 
 from trainingmgr.adapters.base import RunStatus
@@ -26,3 +27,10 @@ def test_another_clock_cannot_put_the_end_before_the_start_or_in_the_future():
 def test_a_start_read_back_from_sqlite_without_a_zone_is_utc():
     naive_start = START.replace(tzinfo=None)
     assert _run_end(RunStatus("SUCCEEDED", ended_at=START - timedelta(seconds=5)), naive_start) == START
+
+
+def test_a_run_id_names_its_job():
+    from trainingmgr.workers.steps import job_id_of_run, new_run_id
+
+    assert job_id_of_run(new_run_id(4711)) == 4711
+    assert job_id_of_run("run-ok_1") is None and job_id_of_run("tj12-notahex!") is None

@@ -56,8 +56,8 @@ def _sqlite_begin(conn: Any) -> None:
 
 def _postgres_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     # A read-only HTTP request (no GET handler writes) runs its statements in autocommit: under READ COMMITTED each
-    # statement has its own snapshot anyway, so answers are the same, and the BEGIN and ROLLBACK round trips (half
-    # the database time of a one-row GET) go away. psycopg2 sets this client-side, without a round trip. Workers
+    # statement has its own snapshot anyway, so answers are the same, and the BEGIN and ROLLBACK round trips (two
+    # of a one-row GET's four) go away. psycopg2 sets this client-side, without a round trip. Workers
     # and writing requests keep their transactions.
     if _read_only_request():
         dbapi_connection.autocommit = True

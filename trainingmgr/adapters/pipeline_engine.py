@@ -201,8 +201,8 @@ class LocalPipelineEngine(PipelineEngine):
     service all see the same runs. Starting is serialised (a thread lock and a lock file) so the limit holds.
     """
 
-    # A run this process started is announced the moment its process exits (listen_for_run_ends); this interval
-    # only paces the looks at runs that another process started, or that were started before a restart.
+    # A run this process started is announced as soon as its result is written (listen_for_run_ends); this
+    # interval only paces the looks at runs that another process started, or that were started before a restart.
     watch_interval = 1.0
 
     def __init__(self, runs_dir: Path, max_concurrent: int, *, terminate_grace: float = 5.0):

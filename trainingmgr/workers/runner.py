@@ -20,7 +20,7 @@ from ..models import TrainingJob, WorkItem
 from ..services import lifecycle as lc
 from ..services.transitions import JobTransitions
 from .queue import NOTIFY, WATCH_RUN, LeaseLost, WorkQueue
-from .steps import StepExecutor
+from .steps import StepExecutor, job_id_of_run
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Worker:
         """The engine saw a run end: its watch step is due now, not at its next look (called from the engine)."""
         with self.app.app_context():
             try:
-                job_id = db.session.scalar(select(TrainingJob.id).where(TrainingJob.run_id == run_id))
+                job_id = job_id_of_run(run_id)
                 if job_id is not None:
                     WorkQueue(db.session).make_due(job_id, WATCH_RUN)
                     db.session.commit()

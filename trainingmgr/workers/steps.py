@@ -4,6 +4,7 @@ in one transaction, and only while the worker still holds the item's lease.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 import uuid
@@ -23,6 +24,7 @@ from ..services.transitions import JobTransitions
 from .queue import EXTRACT, NOTIFY, START_RUN, WATCH_RUN, Claim, WorkQueue, as_utc, utcnow
 
 log = logging.getLogger(__name__)
+RUN_ID_OF_JOB = re.compile(r"tj(\d+)-[0-9a-f]{8}")
 
 MAX_BACKOFF_SECONDS = 60.0
 EXTRACTION_POLL_SECONDS = 1.0  # a remote extraction's status is an HTTP call: look less often
@@ -46,6 +48,17 @@ def zip_model(model_path: Path, into: Path) -> Path:
             zf.write(model_path, arcname=model_path.name)
     return target
 
+
+
+def new_run_id(job_id: int) -> str:
+    # Unique per start (a retried start reuses the recorded one); names its job, see job_id_of_run.
+    return f"tj{job_id}-{uuid.uuid4().hex[:8]}"
+
+
+def job_id_of_run(run_id: str) -> int | None:
+    """The job a run id of new_run_id belongs to (None for any other id): no lookup by run id needed."""
+    match = RUN_ID_OF_JOB.fullmatch(run_id)
+    return int(match.group(1)) if match else None
 
 
 def _run_end(status: RunStatus, started_at: datetime | None) -> datetime:
@@ -184,7 +197,7 @@ class StepExecutor:
         version = self.session.get(PipelineVersion, job.pipeline_version_id)
         if version is None:
             return self._fail(claim, job, "the job's pipeline version no longer exists")
-        run_id = job.run_id or f"tj{job.id}-{uuid.uuid4().hex[:8]}"
+        run_id = job.run_id or new_run_id(job.id)
         if job.run_id is None:
             # Recorded before the start, so a crash right after it cannot leave a run nobody knows of.
             job.run_id = run_id
