@@ -1,21 +1,20 @@
 """Benchmark: POST to FINISHED for the bundled example pipeline, and the service's own overhead.
 
 Runs the service in-process (create_app + the embedded worker, SQLite in a temporary folder, or
-TM_BENCH_DATABASE_URL) and drives it through HTTP with Flask's test client. For 1 and for 10 concurrent jobs it
+--database-url) and drives it through HTTP with Flask's test client. For 1 and for 10 concurrent jobs it
 prints, per job:
   total    = POST answered -> status FINISHED seen by the client
   pipeline = the run's own time: run process start -> its result written (includes the process start and kfp
              import); the end is the engine's record (result.json's time), not the moment the service looked
   overhead = total - pipeline: extraction, queueing, noticing the end, zipping and storing the model.
   after the end = the run's result written -> the job FINISHED (docs/performance.md: within 1 s for 10 runs).
-Usage: python bench/lifecycle_bench.py [--jobs 1,10]
+Usage: python bench/lifecycle_bench.py [--jobs 1,10] [--database-url URL] [--log-level DEBUG]
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
 import io
-import os
 import statistics
 import sys
 import tempfile
@@ -75,10 +74,10 @@ def one_job(app, model: str) -> tuple[int, float]:
     return job["id"], time.perf_counter() - started
 
 
-def run(concurrency: int, database_url: str | None) -> None:
+def run(concurrency: int, database_url: str | None, log_level: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(data_dir=tmp, database_url=database_url or "", secret_key="bench",
-                            log_level=os.environ.get("TM_BENCH_LOG_LEVEL", "WARNING"),
+                            log_level=log_level,
                             max_concurrent_runs=max(4, concurrency), worker_threads=max(4, concurrency),
                             worker_poll_seconds=0.05)
         app = create_app(settings)
@@ -122,9 +121,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", default="1,10", help="comma-separated concurrency levels")
     parser.add_argument("--database-url", default=None, help="default: SQLite in a temporary folder")
+    parser.add_argument("--log-level", default="WARNING", help="the service's log level (DEBUG shows each step's time)")
     args = parser.parse_args()
     for level in (int(x) for x in args.jobs.split(",")):
-        run(level, args.database_url)
+        run(level, args.database_url, args.log_level)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,20 @@ def backend(settings: Settings) -> str:
 
 
 @pytest.fixture
+def pg_only(request, backend: str) -> None:
+    """A test of PostgreSQL behaviour: skipped on the SQLite parameter."""
+    if backend != "postgresql":
+        pytest.skip(f"{request.node.originalname}: a PostgreSQL test")
+
+
+@pytest.fixture
+def sqlite_only(request, backend: str) -> None:
+    """A test of SQLite behaviour: skipped on the PostgreSQL parameter."""
+    if backend != "sqlite":
+        pytest.skip(f"{request.node.originalname}: a SQLite test")
+
+
+@pytest.fixture
 def worker(app):
     """The embedded worker threads, as `serve` runs them, against the test's database."""
     return app.extensions["trainingmgr"].start_worker(app)

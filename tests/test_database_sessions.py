@@ -9,11 +9,10 @@ import pytest
 from flask import has_request_context, request
 from sqlalchemy import event, text, update
 
+from tests.factories import FG_V1 as FG
 from tests.factories import create_feature_group, feature_group_body
 from trainingmgr.extensions import db
 from trainingmgr.models import FeatureGroup
-
-FG = "/ai-ml-model-training/v1/featureGroup"
 
 
 @pytest.fixture
@@ -31,12 +30,6 @@ def statements(app):
     event.listen(engine, "before_cursor_execute", record)
     yield seen
     event.remove(engine, "before_cursor_execute", record)
-
-
-@pytest.fixture
-def postgresql(backend):
-    if backend != "postgresql":
-        pytest.skip("autocommit reads are the PostgreSQL rule; SQLite has its own test here")
 
 
 def exercise(app, client):
@@ -57,7 +50,7 @@ def test_reads_do_not_write(app, client, statements):
     assert reads and not [sql for sql in reads if sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE"))]
 
 
-def test_reads_autocommit_writes_in_transactions(app, client, statements, postgresql):
+def test_reads_autocommit_writes_in_transactions(app, client, statements, pg_only):
     exercise(app, client)
     reads = [s for s in statements if s[0] == "GET"]
     writes = [s for s in statements if s[0] in ("POST", "PUT")]
@@ -70,7 +63,7 @@ def test_reads_autocommit_writes_in_transactions(app, client, statements, postgr
     assert {conn for _, conn, _, _ in reads} & {conn for _, conn, _, _ in writes}
 
 
-def test_a_write_after_reads_is_still_a_transaction(app, client, statements, postgresql):
+def test_a_write_after_reads_is_still_a_transaction(app, client, statements, pg_only):
     """A connection that served a read goes back to the pool out of autocommit: a write on it that rolls back
     leaves nothing behind."""
     create_feature_group(client, "cell_kpis", measurement="before")
@@ -86,20 +79,14 @@ def test_a_write_after_reads_is_still_a_transaction(app, client, statements, pos
     assert put_conn in {conn for method, conn, _, _ in statements if method == "GET"}, "the GET's connection"
 
 
-@pytest.fixture
-def sqlite(backend):
-    if backend != "sqlite":
-        pytest.skip("the SQLite rule: deferred BEGIN for reads, BEGIN IMMEDIATE for the rest")
-
-
-def test_sqlite_reads_begin_deferred_writes_immediate(app, client, statements, sqlite):
+def test_sqlite_reads_begin_deferred_writes_immediate(app, client, statements, sqlite_only):
     exercise(app, client)
     begins = [(method, sql) for method, _, _, sql in statements if sql.startswith("BEGIN")]
     assert {sql for method, sql in begins if method == "GET"} == {"BEGIN"}
     assert {sql for method, sql in begins if method != "GET"} == {"BEGIN IMMEDIATE"}
 
 
-def test_sqlite_reads_answer_while_a_writer_holds_the_lock(app, client, settings, sqlite):
+def test_sqlite_reads_answer_while_a_writer_holds_the_lock(app, client, settings, sqlite_only):
     create_feature_group(client, "cell_kpis")
     writer = sqlite3.connect(settings.sqlalchemy_url.removeprefix("sqlite:///"), isolation_level=None)
     try:

@@ -35,12 +35,6 @@ MODEL = "qoe-remote"  # a valid S3 bucket name
 
 
 @pytest.fixture
-def pg_only(backend):
-    if backend != "postgresql":
-        pytest.skip("the production components: PostgreSQL")
-
-
-@pytest.fixture
 def s3_server(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

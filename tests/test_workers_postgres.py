@@ -18,12 +18,6 @@ from tests.test_training_lifecycle import JOBS, job_request, setup, slow_pipelin
 N_JOBS = 6
 
 
-@pytest.fixture
-def pg_only(backend):
-    if backend != "postgresql":
-        pytest.skip("worker processes sharing a database: a PostgreSQL test")
-
-
 def start_workers(settings, count: int, tmp_path: Path, lease: int = 3,
                   log_level: str = "INFO") -> list[subprocess.Popen]:
     """Start `count` worker processes and wait until each has said "worker started" (adapters built)."""

@@ -24,7 +24,6 @@ from ..services.transitions import JobTransitions
 from .queue import EXTRACT, NOTIFY, START_RUN, WATCH_RUN, Claim, WorkQueue, as_utc, utcnow
 
 log = logging.getLogger(__name__)
-RUN_ID_OF_JOB = re.compile(r"tj(\d+)-[0-9a-f]{8}")
 
 MAX_BACKOFF_SECONDS = 60.0
 EXTRACTION_POLL_SECONDS = 1.0  # a remote extraction's status is an HTTP call: look less often
@@ -49,6 +48,8 @@ def zip_model(model_path: Path, into: Path) -> Path:
     return target
 
 
+RUN_ID_OF_JOB = re.compile(r"tj(\d+)-[0-9a-f]{8}")
+
 
 def new_run_id(job_id: int) -> str:
     # Unique per start (a retried start reuses the recorded one); names its job, see job_id_of_run.
@@ -68,6 +69,7 @@ def _run_end(status: RunStatus, started_at: datetime | None) -> datetime:
     if status.ended_at is None:
         return now
     return min(max(status.ended_at, as_utc(started_at) or status.ended_at), now)
+
 
 class StepExecutor:
     def __init__(self, container: Any, session: Session):
