@@ -240,6 +240,74 @@ def test_delete_during_a_run_terminates_it_and_removes_the_job(setup, worker, tm
         time.sleep(0.1)
 
 
+def test_delete_and_a_concurrent_worker_step_do_not_deadlock(setup, worker, app, tmp_path, pg_only):
+    """Delete terminates the run, then removes the job's work items and the job. A worker step that took the job's
+    row meanwhile (as the watch step does when the terminated run ends) finishes its own item afterwards: unless
+    delete also takes the job's row first, the two deadlock on PostgreSQL and delete answers 500. A run that ignores
+    SIGTERM keeps delete in terminate for the engine's grace period, so the step surely starts inside it."""
+    import threading
+
+    from sqlalchemy import delete, select, update
+
+    from trainingmgr.extensions import db
+    from trainingmgr.models import TrainingJob, WorkItem
+
+    app.extensions["trainingmgr"].engine.terminate_grace = 1.0
+    client = setup
+    upload(client, "stubborn", stubborn_pipeline(tmp_path))
+    holding = tmp_path / "holding"
+    job_id = client.post(JOBS, json=job_request("stubborn", pipeline="stubborn", marker=str(holding))).get_json()["id"]
+    deadline = time.monotonic() + 60
+    while not holding.exists():  # the task runs and ignores SIGTERM from now on
+        assert time.monotonic() < deadline, "the stubborn task did not start"
+        time.sleep(0.05)
+    answer, step_error = [], []
+    deleting = threading.Thread(target=lambda: answer.append(client.delete(f"{JOBS}/{job_id}").status_code))
+    deleting.start()
+    with app.app_context():
+        deadline = time.monotonic() + 10
+        while not db.session.scalar(select(TrainingJob.deletion_in_progress).where(TrainingJob.id == job_id)):
+            assert time.monotonic() < deadline, "the delete did not start"
+            db.session.rollback()
+            time.sleep(0.01)
+        db.session.rollback()
+        try:  # a worker step: update the job, then (after delete has moved on) finish the job's items
+            db.session.execute(update(TrainingJob).where(TrainingJob.id == job_id).values(notification_url=""))
+            time.sleep(3.0)
+            db.session.execute(delete(WorkItem).where(WorkItem.job_id == job_id))
+            db.session.commit()
+        except Exception as e:  # the deadlock victim
+            step_error.append(e)
+            db.session.rollback()
+        finally:
+            db.session.remove()
+    deleting.join(60)
+    assert step_error == [] and answer == [204]
+    assert client.get(f"{JOBS}/{job_id}").status_code == 404
+
+
+def stubborn_pipeline(tmp_path: Path) -> Path:
+    """A pipeline whose task ignores SIGTERM: terminating it takes the engine's whole grace period."""
+    from kfp import compiler, dsl
+
+    @dsl.component(install_kfp_package=False, packages_to_install=[], base_image="python:3.11")
+    def hold_on(dataset_uri: str, marker: str, model: dsl.Output[dsl.Model]):
+        import signal
+        import time
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        open(marker, "w").close()
+        time.sleep(120)
+
+    @dsl.pipeline(name="stubborn")
+    def stubborn(dataset_uri: str, marker: str):
+        hold_on(dataset_uri=dataset_uri, marker=marker)
+
+    path = tmp_path / "stubborn.yaml"
+    compiler.Compiler().compile(stubborn, str(path))
+    return path
+
+
 def _proc_state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]

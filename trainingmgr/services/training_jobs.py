@@ -229,6 +229,9 @@ class TrainingJobService:
                 self.session.commit()
                 raise BadGateway(f"Training job {job_id} was not deleted: its run could not be terminated ({e})") \
                     from None
+        # Lock order: the job's row, then its work items, as every worker step goes (it updates the job, then
+        # finishes its item). The other order deadlocks with a step running at this moment (PostgreSQL).
+        self.session.execute(select(TrainingJob.id).where(TrainingJob.id == job_id).with_for_update())
         self.queue.remove_for_job(job_id)
         self.session.delete(job)
         self.session.commit()
