@@ -1,50 +1,99 @@
-"""The real processes: `serve` without embedded workers, a separate `worker` process, and the demo against them."""
+"""The real processes: `serve --demo` (the quick start), `serve` without embedded workers with a separate `worker`
+process, and the demo against them."""
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
-from tests.test_serve import free_port
-from trainingmgr.cli import _wait_ready
+from tests.processes import assert_ready, cpu_kept_busy, free_port, listening, served, stop
+
+DEMO_TIMEOUT = 600  # seconds a whole demo may take on a loaded machine
+
+
+def wait_for_line(log_path, pattern: str, process: subprocess.Popen, seconds: float) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        if re.search(pattern, text) or process.poll() is not None:
+            return text
+        time.sleep(0.5)
+    raise AssertionError(f"{pattern!r} not seen in {seconds:.0f} s:\n{log_path.read_text(errors='replace')[-3000:]}")
+
+
+def test_serve_demo_trains_keeps_serving_and_stops_on_sigterm_on_a_busy_machine(tmp_path):
+    """`make run`: the demo passes on a loaded machine, its lines are not buried in access logs, the service keeps
+    serving afterwards and stops quickly on SIGTERM. Run twice: the second run shows 1.0.0 -> 1.1.0 again."""
+    port = free_port()
+    env = {"TM_DATA_DIR": str(tmp_path / "data"), "TM_WORKERS": "2", "TM_DATABASE_URL": ""}
+    with cpu_kept_busy():
+        for run in (1, 2):
+            log = tmp_path / f"run-{run}.log"
+            with served(tmp_path, port, env, name=f"run-{run}", argv=("serve", "--demo")) as demo:
+                output = wait_for_line(log, r"keeps serving|demo FAILED", demo, DEMO_TIMEOUT)
+                assert demo.poll() is None, output
+                assert "demo succeeded" in output, output
+                assert "retrained: artifact 1.0.0 -> 1.1.0" in output
+                assert f"training of demo_qoe version {run}," in output
+                # While the demo ran, the service's INFO lines (one access log line per poll) were held back.
+                demo_part = output.split("keeps serving")[0]
+                assert '"level": "INFO"' not in demo_part and '"path": "/readyz"' not in demo_part
+                # Still serving; then SIGTERM stops it, and the server it started, quickly.
+                assert_ready(f"http://127.0.0.1:{port}", demo, 30, log)
+                began = time.monotonic()
+                demo.send_signal(signal.SIGTERM)
+                demo.wait(60)
+                assert time.monotonic() - began < 15
+    assert sorted(p.name for p in (tmp_path / "data" / "demo").iterdir()) == [
+        "demo_qoe-1-1.0.0-Model.zip", "demo_qoe-1-1.1.0-Model.zip",
+        "demo_qoe-2-1.0.0-Model.zip", "demo_qoe-2-1.1.0-Model.zip"]
+    assert not list(tmp_path.glob("*.zip"))  # nothing left in the working directory
+    assert not listening(port)
+
+
+def test_serve_demo_that_fails_says_so_stops_the_service_and_exits_1(tmp_path):
+    port = free_port()
+    empty = tmp_path / "no-sources"
+    empty.mkdir()
+    # The bundled dataset is not where the feature group's files may come from: the training fails.
+    env = {"TM_DATA_DIR": str(tmp_path / "data"), "TM_WORKERS": "1", "TM_DATABASE_URL": "",
+           "TM_FILE_SOURCE_DIRS": str(empty)}
+    with served(tmp_path, port, env, argv=("serve", "--demo")) as demo:
+        demo.wait(DEMO_TIMEOUT)
+    output = (tmp_path / "server.log").read_text()
+    assert demo.returncode == 1, output
+    assert "demo FAILED" in output and "stopping the service" in output
+    assert not listening(port)
 
 
 def test_demo_trains_through_a_server_and_a_separate_worker_process(tmp_path):
     port = free_port()
     env = {
-        **os.environ,
-        "TM_HOST": "127.0.0.1",
-        "TM_PORT": str(port),
         "TM_DATA_DIR": str(tmp_path / "data"),
         "TM_WORKERS": "2",
         "TM_EMBEDDED_WORKER": "false",
         "TM_WORKER_POLL_SECONDS": "0.1",
+        "TM_DATABASE_URL": "",
     }
-    env.pop("TM_DATABASE_URL", None)
-    server = subprocess.Popen([sys.executable, "-m", "trainingmgr", "serve"], env=env, cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = None
-    try:
-        url = f"http://127.0.0.1:{port}"
-        assert _wait_ready(url, 30), "server did not become ready"
-        worker = subprocess.Popen([sys.executable, "-m", "trainingmgr", "worker"], env=env, cwd=tmp_path,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        demo = subprocess.run([sys.executable, "-m", "trainingmgr", "demo", "--url", url, "--timeout", "120"],
-                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert demo.returncode == 0, demo.stdout + demo.stderr
-        assert "retrained: artifact 1.0.0 -> 1.1.0" in demo.stdout
-        assert (tmp_path / "demo_qoe-1.1.0-Model.zip").stat().st_size > 0
-    finally:
-        for process in (worker, server):
-            if process is not None:
-                process.terminate()
-                process.wait(30)
-    assert worker.returncode == 0  # a clean stop on SIGTERM
+    url = f"http://127.0.0.1:{port}"
+    with served(tmp_path, port, env) as server:
+        assert_ready(url, server, 120, tmp_path / "server.log")
+        with served(tmp_path, port, env, name="worker", argv=("worker",)) as worker:
+            demo = subprocess.run([sys.executable, "-m", "trainingmgr", "demo", "--url", url, "--timeout", "300"],
+                                  env={**os.environ, **env}, cwd=tmp_path, capture_output=True, text=True,
+                                  timeout=DEMO_TIMEOUT)
+            assert demo.returncode == 0, demo.stdout + demo.stderr
+            assert "retrained: artifact 1.0.0 -> 1.1.0" in demo.stdout
+            assert (tmp_path / "data" / "demo" / "demo_qoe-1-1.1.0-Model.zip").stat().st_size > 0
+            assert stop(worker) == 0  # a clean stop on SIGTERM
 
 
 def test_demo_fails_with_status_1_when_the_service_is_unreachable(tmp_path):
     port = free_port()
     demo = subprocess.run([sys.executable, "-m", "trainingmgr", "demo", "--url", f"http://127.0.0.1:{port}"],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert demo.returncode == 1
     assert "demo FAILED" in demo.stdout

@@ -10,22 +10,20 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import requests
 import yaml
 
 from tests.extraction_doubles import DataExtractionService
 from tests.factories import create_feature_group
 from tests.kfp_double import KfpDouble
+from tests.processes import moto_server
 from tests.test_training_lifecycle import (JOBS, RETRAINING_YAML, TRAINING_YAML, EXAMPLES, job_request, upload,
                                            wait_for)
 from trainingmgr import create_app
@@ -36,24 +34,8 @@ MODEL = "qoe-remote"  # a valid S3 bucket name
 
 @pytest.fixture
 def s3_server(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "moto.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            requests.get(f"http://127.0.0.1:{port}/", timeout=1)
-            break
-        except requests.ConnectionError:
-            assert server.poll() is None and time.monotonic() < deadline, "moto server did not start"
-            time.sleep(0.2)
-    yield f"127.0.0.1:{port}"
-    server.terminate()
-    server.wait(10)
-    log.close()
+    with moto_server(tmp_path) as endpoint:
+        yield endpoint
 
 
 class Cluster(threading.Thread):

@@ -8,8 +8,6 @@ import http.server
 import threading
 import os
 import socket
-import subprocess
-import sys
 import time
 import tracemalloc
 import uuid
@@ -23,6 +21,7 @@ pytest.importorskip("moto.server")
 
 from minio import Minio  # noqa: E402
 
+from tests.processes import free_port, moto_server  # noqa: E402
 from trainingmgr.adapters.base import AdapterError  # noqa: E402
 from trainingmgr.adapters.object_store import InvalidObjectName, ObjectNotFound, model_key  # noqa: E402
 from trainingmgr.adapters.s3_object_store import S3Chunks, S3ObjectStore  # noqa: E402
@@ -34,49 +33,11 @@ KEY = "1/1.0.0/Model.zip"
 MIB = 1 << 20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A moto S3 server in a process of its own (so that its memory does not count as ours), per module."""
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    for _ in range(3):  # the free port may be taken between our probe and the server's bind: try another one
-        port = _free_port()
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                stdout=out, stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and proc.poll() is None and not _listening(port):
-            time.sleep(0.1)
-        if proc.poll() is None and _listening(port):
-            break
-        proc.kill()
-        proc.wait()
-    else:
-        pytest.fail(f"moto server did not start: {log.read_text(errors='replace')[-2000:]}")
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
+        yield endpoint
 
 
 def _store(endpoint: str, timeout: float = TIMEOUT) -> S3ObjectStore:
@@ -322,7 +283,7 @@ def test_valid_s3_bucket_names(store: S3ObjectStore, model_file: Path, bucket: s
 
 # ------------------------------------------------------------------------------------------- outages
 def test_server_down(model_file: Path) -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     timeout = 1.0
     store = _store(f"127.0.0.1:{port}", timeout=timeout)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.peers import RAppReceiver
+from tests.processes import stop as stop_process
 from tests.test_training_lifecycle import JOBS, job_request, setup, slow_pipeline, upload, wait_for  # noqa: F401
 
 N_JOBS = 6
@@ -39,20 +40,22 @@ def start_workers(settings, count: int, tmp_path: Path, lease: int = 3,
                              stdout=log_file, stderr=subprocess.STDOUT, text=True)
         p.log_path = Path(log_file.name)
         processes.append(p)
-    deadline = time.monotonic() + 60
-    while not all('"worker started"' in p.log_path.read_text() for p in processes):
-        assert all(p.poll() is None for p in processes), [p.log_path.read_text() for p in processes]
-        assert time.monotonic() < deadline, "the workers did not start within 60 s"
-        time.sleep(0.1)
+    try:
+        deadline = time.monotonic() + 120
+        while not all('"worker started"' in p.log_path.read_text() for p in processes):
+            assert all(p.poll() is None for p in processes), [p.log_path.read_text() for p in processes]
+            assert time.monotonic() < deadline, "the workers did not start within 120 s"
+            time.sleep(0.1)
+    except BaseException:
+        stop(processes)
+        raise
     return processes
 
 
 def stop(processes: list[subprocess.Popen]) -> list[str]:
     outputs = []
     for p in processes:
-        if p.poll() is None:
-            p.terminate()
-        p.wait(timeout=30)
+        stop_process(p)
         outputs.append(p.log_path.read_text())
     return outputs
 
@@ -88,13 +91,15 @@ def test_a_killed_workers_steps_are_taken_over(pg_only, setup, settings, tmp_pat
     client = setup
     upload(client, "naps", slow_pipeline(tmp_path, seconds=3))
     first = start_workers(settings, 1, tmp_path, lease=2)
-    job = client.post(JOBS, json=job_request("orphan", pipeline="naps")).get_json()
-    deadline = time.monotonic() + 60
-    while client.get(f"{JOBS}/{job['id']}/status").get_json()["TRAINING"] != "IN_PROGRESS":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    first[0].send_signal(signal.SIGKILL)  # dies holding its leases
-    stop(first)
+    try:
+        job = client.post(JOBS, json=job_request("orphan", pipeline="naps")).get_json()
+        deadline = time.monotonic() + 60
+        while client.get(f"{JOBS}/{job['id']}/status").get_json()["TRAINING"] != "IN_PROGRESS":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        first[0].send_signal(signal.SIGKILL)  # dies holding its leases
+    finally:
+        stop(first)
     second = start_workers(settings, 1, tmp_path, lease=2)
     try:
         done = wait_for(client, job["id"], timeout=60)

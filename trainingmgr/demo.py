@@ -1,7 +1,9 @@
 """The bundled example, end to end, through the service's HTTP API only (as an rApp and an operator would).
 
 Creates the example feature group, uploads the example pipelines, trains a model, downloads Model.zip, retrains
-and shows the bumped artifact version. Returns True only when everything worked.
+and shows the bumped artifact version. Returns True only when everything worked. Each run trains a model version
+of its own (1, 2, ...), so every run shows 1.0.0 -> 1.1.0; the downloads go to the folder given (the CLI gives
+`<TM_DATA_DIR>/demo`).
 """
 from __future__ import annotations
 
@@ -64,9 +66,23 @@ class Demo:
             self.echo(f"pipeline {name}: uploaded version {versions[name]}")
         return versions
 
-    def train(self, versions: dict[str, str]) -> dict[str, Any]:
+    def model_version(self) -> str:
+        """A model version no earlier run of the demo trained: one past the highest the service knows of."""
+        highest = 0
+        path = f"{JOBS}?limit=1000"
+        while path:
+            response = self._call("GET", path, (200,))
+            for job in response.json():
+                model = job["modelId"]
+                if model["modelname"] == MODEL and str(model["modelversion"]).isdigit():
+                    highest = max(highest, int(model["modelversion"]))
+            following = response.links.get("next", {}).get("url", "")
+            path = following.removeprefix(self.base) if following else ""
+        return str(highest + 1)
+
+    def train(self, versions: dict[str, str], model_version: str) -> dict[str, Any]:
         body = {
-            "model_id": {"modelname": MODEL, "modelversion": "1"},
+            "model_id": {"modelname": MODEL, "modelversion": model_version},
             "training_config": {
                 "description": "demo: predict downlink throughput from cell KPIs",
                 "dataPipeline": {"feature_group_name": FEATURE_GROUP, "query_filter": "",
@@ -80,7 +96,8 @@ class Demo:
         }
         job = self._call("POST", JOBS, (201,), json=body).json()
         kind = "retraining" if job["is_retraining"] else "training"
-        self.echo(f"job {job['id']}: {kind} of {MODEL}, artifact {job['modelId']['artifactversion']}")
+        self.echo(f"job {job['id']}: {kind} of {MODEL} version {model_version}, "
+                  f"artifact {job['modelId']['artifactversion']}")
         return self.follow(job["id"])
 
     def follow(self, job_id: int) -> dict[str, Any]:
@@ -101,9 +118,11 @@ class Demo:
             time.sleep(0.5)
 
     def download(self, job: dict[str, Any]) -> Path:
-        artifact = job["modelId"]["artifactversion"]
-        response = self._call("GET", f"/model/{MODEL}/1/{artifact}/Model.zip", (200,))
-        target = self.out_dir / f"{MODEL}-{artifact}-Model.zip"
+        model = job["modelId"]
+        version, artifact = model["modelversion"], model["artifactversion"]
+        response = self._call("GET", f"/model/{MODEL}/{version}/{artifact}/Model.zip", (200,))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        target = self.out_dir / f"{MODEL}-{version}-{artifact}-Model.zip"
         target.write_bytes(response.content)
         names = zipfile.ZipFile(io.BytesIO(response.content)).namelist()
         self.echo(f"  Model.zip ({len(response.content)} bytes, {', '.join(names)}) saved to {target}")
@@ -114,16 +133,17 @@ class Demo:
             self._call("GET", "/readyz", (200,))
             self.feature_group()
             versions = self.pipelines()
-            first = self.train(versions)
+            model_version = self.model_version()
+            first = self.train(versions, model_version)
             metrics = self._call("GET", f"{JOBS}/get-model-metrics/{first['id']}", (200,)).json()
             self.echo("  metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in metrics.items()))
             self.download(first)
-            second = self.train(versions)
+            second = self.train(versions, model_version)
             self.download(second)
             self.echo(f"retrained: artifact {first['modelId']['artifactversion']} -> "
                       f"{second['modelId']['artifactversion']}")
-        except (DemoFailed, requests.RequestException) as e:
+        except (DemoFailed, requests.RequestException, OSError, ValueError, KeyError) as e:
             self.echo(f"demo FAILED: {e}")
             return False
         self.echo("demo succeeded")
