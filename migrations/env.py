@@ -96,9 +96,30 @@ def run_migrations_online():
             **conf_args
         )
 
-        with context.begin_transaction():
-            context.run_migrations()
-
+        sqlite = connection.dialect.name == "sqlite"
+        if not sqlite:
+            with context.begin_transaction():
+                context.run_migrations()
+            return
+        # SQLite rebuilds a table to change it (batch mode): dropping the old copy with foreign keys on would
+        # cascade into (or be refused by) the tables that refer to it. The pragma works only outside a
+        # transaction, so it goes to the driver's connection before the migration's transaction begins.
+        driver = connection.connection.driver_connection
+        driver.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with context.begin_transaction():
+                context.run_migrations()
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise RuntimeError(f"the migration broke foreign keys: {broken[:10]}")
+            if connection.in_transaction():
+                connection.commit()
+        finally:
+            if connection.in_transaction():
+                connection.rollback()
+            driver.execute("PRAGMA foreign_keys=ON")
+            if driver.execute("PRAGMA foreign_keys").fetchone()[0] != 1:
+                connection.invalidate()  # never hand a connection without foreign keys back to the pool
 
 if context.is_offline_mode():
     run_migrations_offline()

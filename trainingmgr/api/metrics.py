@@ -14,7 +14,7 @@ from ..extensions import db
 from ..models import TrainingJob, WorkItem
 from ..models.base import utcnow
 from ..services import lifecycle as lc
-from ..workers.queue import KINDS, as_utc
+from ..workers.queue import KINDS
 
 bp = Blueprint("metrics", __name__)
 
@@ -42,7 +42,7 @@ class DatabaseCollector:
             .group_by(WorkItem.kind)
         ).all())
         for kind in KINDS:
-            due = as_utc(oldest.get(kind))
+            due = oldest.get(kind)
             delay.add_metric([kind], max(0.0, (now - due).total_seconds()) if due is not None else 0.0)
         yield delay
 

@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, g, request
@@ -18,10 +18,7 @@ bp = Blueprint("pipelines", __name__)
 
 
 def _iso(moment: datetime) -> str:
-    # SQLite gives the stored UTC time back without its zone.
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return moment.isoformat().replace("+00:00", "Z")  # UTC: every timestamp column gives it back so
 
 
 def _pipeline_view(pipeline: Pipeline) -> dict[str, Any]:

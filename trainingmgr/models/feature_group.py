@@ -5,13 +5,14 @@ from typing import Optional
 from sqlalchemy import Boolean, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from .base import Base, TimestampMixin
+from .base import NEVER_REUSED_IDS, Base, TimestampMixin
 
 
 class FeatureGroup(TimestampMixin, Base):
     """Where a model's training data lives (an InfluxDB measurement, a CSV or Parquet file)."""
 
     __tablename__ = "feature_groups"
+    __table_args__ = NEVER_REUSED_IDS
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # Byte-order collation on PostgreSQL, as SQLite's: the keyset paging order is the same on both.

@@ -5,13 +5,14 @@ from typing import Optional
 from sqlalchemy import ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from .base import Base, TimestampMixin
+from .base import NEVER_REUSED_IDS, Base, TimestampMixin
 
 
 class Pipeline(TimestampMixin, Base):
     """A pipeline known to the service. kfp.local has no registry, so the service keeps it (for every engine)."""
 
     __tablename__ = "pipelines"
+    __table_args__ = NEVER_REUSED_IDS
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True, nullable=False)
@@ -28,7 +29,10 @@ class PipelineVersion(TimestampMixin, Base):
     """One uploaded compiled pipeline (YAML). Versions are numbered 1, 2, ... as they come."""
 
     __tablename__ = "pipeline_versions"
-    __table_args__ = (UniqueConstraint("pipeline_id", "number", name="uq_pipeline_versions_pipeline_number"),)
+    __table_args__ = (
+        UniqueConstraint("pipeline_id", "number", name="uq_pipeline_versions_pipeline_number"),
+        NEVER_REUSED_IDS,
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     pipeline_id: Mapped[int] = mapped_column(ForeignKey("pipelines.id", ondelete="CASCADE"), nullable=False)
@@ -48,6 +52,7 @@ class PipelineVersion(TimestampMixin, Base):
 
 class Experiment(TimestampMixin, Base):
     __tablename__ = "experiments"
+    __table_args__ = NEVER_REUSED_IDS
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True, nullable=False)

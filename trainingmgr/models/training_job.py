@@ -3,10 +3,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Optional
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from .base import Base, TimestampMixin
+from .base import NEVER_REUSED_IDS, Base, TimestampMixin, UtcDateTime
 from .feature_group import FeatureGroup
 
 
@@ -14,7 +14,10 @@ class Model(TimestampMixin, Base):
     """A model known to the service: (modelname, modelversion); each training run adds an artifact version."""
 
     __tablename__ = "models"
-    __table_args__ = (UniqueConstraint("modelname", "modelversion", name="uq_models_name_version"),)
+    __table_args__ = (
+        UniqueConstraint("modelname", "modelversion", name="uq_models_name_version"),
+        NEVER_REUSED_IDS,
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     modelname: Mapped[str] = mapped_column(String(128), nullable=False)
@@ -28,6 +31,7 @@ class TrainingJob(TimestampMixin, Base):
     """One training (or retraining) run of a model."""
 
     __tablename__ = "training_jobs"
+    __table_args__ = NEVER_REUSED_IDS
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"), nullable=False, index=True)
@@ -50,14 +54,17 @@ class TrainingJob(TimestampMixin, Base):
     model_url: Mapped[Optional[str]] = mapped_column(Text)
     metrics: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
     failure_reason: Mapped[Optional[str]] = mapped_column(Text)
+    # While a step retries a failing peer: what failed last, how often, when it is tried next and until when
+    # (JobTransitions.waiting); None when nothing is being retried.
+    waiting: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
     deletion_in_progress: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     # The pipeline version the run used (the training or the retraining pipeline).
     pipeline_version_id: Mapped[Optional[int]] = mapped_column(
         ForeignKey("pipeline_versions.id", ondelete="RESTRICT"), index=True
     )
-    run_started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
-    run_ended_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    run_started_at: Mapped[Optional[datetime]] = mapped_column(UtcDateTime)
+    run_ended_at: Mapped[Optional[datetime]] = mapped_column(UtcDateTime)
+    finished_at: Mapped[Optional[datetime]] = mapped_column(UtcDateTime)
 
     model: Mapped[Model] = relationship(lazy="joined")
     feature_group: Mapped[FeatureGroup] = relationship(lazy="joined")

@@ -9,7 +9,7 @@ never recorded twice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, or_, select, update
@@ -23,13 +23,6 @@ START_RUN = "start_run"
 WATCH_RUN = "watch_run"
 NOTIFY = "notify"
 KINDS = (EXTRACT, START_RUN, WATCH_RUN, NOTIFY)
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite gives timestamps back without a zone; they are UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -99,7 +92,7 @@ class WorkQueue:
         self.session.commit()
         if row is None:
             return None
-        return Claim(row.id, row.job_id, row.kind, dict(row.payload or {}), row.attempts, as_utc(row.deadline_at),
+        return Claim(row.id, row.job_id, row.kind, dict(row.payload or {}), row.attempts, row.deadline_at,
                      owner)
 
     def extend(self, ids: list[int], owner: str, lease_seconds: float) -> None:

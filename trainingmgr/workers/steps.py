@@ -21,7 +21,7 @@ from ..models import PipelineVersion, TrainingJob, WorkItem
 from ..services import lifecycle as lc
 from ..services.training_jobs import featurepath
 from ..services.transitions import JobTransitions
-from .queue import EXTRACT, NOTIFY, START_RUN, WATCH_RUN, Claim, WorkQueue, as_utc, utcnow
+from .queue import EXTRACT, NOTIFY, START_RUN, WATCH_RUN, Claim, WorkQueue, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _run_end(status: RunStatus, started_at: datetime | None) -> datetime:
     now = utcnow()
     if status.ended_at is None:
         return now
-    return min(max(status.ended_at, as_utc(started_at) or status.ended_at), now)
+    return min(max(status.ended_at, started_at or status.ended_at), now)
 
 
 class StepExecutor:
