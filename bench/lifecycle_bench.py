@@ -38,8 +38,7 @@ JOBS = "/ai-ml-model-training/v1/training-jobs"
 def setup(client) -> None:
     fg = {
         "featuregroup_name": "bench_kpis", "feature_list": "prbUsageDl,prbUsageUl,activeUes,sinrMean,throughputDl",
-        "datalake_source": "CsvSource", "host": "", "port": "1", "bucket": "", "token": "", "db_org": "",
-        "measurement": "cell_kpis.csv", "enable_dme": False,
+        "datalake_source": "CsvSource", "measurement": "cell_kpis.csv", "enable_dme": False,
     }
     assert client.post("/ai-ml-model-training/v1/featureGroup", json=fg).status_code == 201
     for name in ("qoe_training", "qoe_retraining"):

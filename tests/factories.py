@@ -29,6 +29,16 @@ def create_feature_group(client: Any, name: str = "cell_kpis", **changes: Any) -
     return response.get_json()["featuregroup"]
 
 
+def create_file_feature_group(client: Any, name: str, *, measurement: str, feature_list: str,
+                              datalake_source: str = "CsvSource") -> dict[str, Any]:
+    """A CsvSource/ParquetSource feature group: only the fields a file source reads."""
+    body = {"featuregroup_name": name, "feature_list": feature_list, "datalake_source": datalake_source,
+            "measurement": measurement, "enable_dme": False}
+    response = client.post(FG_V1, json=body)
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["featuregroup"]
+
+
 def add_training_job(app: Any, featuregroup_name: str) -> int:
     """A training-job row that uses the feature group (the job API comes with the training-job resource)."""
     from trainingmgr.extensions import db

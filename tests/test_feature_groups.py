@@ -20,18 +20,13 @@ from trainingmgr.services.pagination import encode_cursor
 
 LEGACY = "/featureGroup"
 TOKEN = feature_group_body()["token"]
-REQUIRED = (
-    "featuregroup_name",
-    "feature_list",
-    "datalake_source",
-    "host",
-    "port",
-    "bucket",
-    "token",
-    "db_org",
-    "measurement",
-    "enable_dme",
-)
+# Required whatever the source; then what an InfluxSource needs (the token present, possibly empty).
+REQUIRED = ("featuregroup_name", "feature_list", "datalake_source", "measurement", "enable_dme")
+INFLUX_REQUIRED = {"host": "Required, not empty, for an InfluxSource.",
+                   "port": "Required, not empty, for an InfluxSource.",
+                   "bucket": "Required, not empty, for an InfluxSource.",
+                   "db_org": "Required, not empty, for an InfluxSource.",
+                   "token": "Required for an InfluxSource (it may be empty)."}
 # The by-name routes exist under both prefixes; only the legacy one carries the "Exception" key.
 BY_NAME_PREFIXES = [pytest.param(FG_V1, id="v1"), pytest.param(LEGACY, id="legacy")]
 BULK_PATHS = [pytest.param(FG_V1, id="v1"), pytest.param(LEGACY, id="legacy")]
@@ -145,16 +140,47 @@ def test_port_bounds_are_accepted(client, port):
     assert create_feature_group(client, port=port)["port"] == port
 
 
-def test_csv_source_needs_no_influx_connection_fields(client):
-    body = feature_group_body("csv_group", datalake_source="CsvSource", host="", bucket="", db_org="", measurement="")
+@pytest.mark.parametrize("source", ["CsvSource", "ParquetSource"])
+def test_a_file_source_needs_only_its_file(client, source):
+    body = {"featuregroup_name": "file_group", "feature_list": "a,b", "datalake_source": source,
+            "measurement": "cell_kpis.csv", "enable_dme": False}
     response = client.post(FG_V1, json=body)
     assert response.status_code == 201, response.get_json()
-    assert response.get_json()["featuregroup"] == expected_view(body)
+    view = response.get_json()["featuregroup"]
+    assert {k: view[k] for k in ("host", "port", "bucket", "token", "db_org")} == dict.fromkeys(
+        ("host", "port", "bucket", "token", "db_org"), "")
+    # The fields as clients send them all, empty (the dashboard's form), are accepted too.
+    again = {**body, "featuregroup_name": "file_group_2", "host": "", "port": "", "bucket": "", "token": "",
+             "db_org": ""}
+    assert client.post(FG_V1, json=again).status_code == 201
 
 
-def test_csv_source_still_needs_a_valid_port(client):
-    # The port's rule (digits, 1 to 65535) holds for every source: "" is not a port.
-    body = feature_group_body("csv_group", datalake_source="CsvSource", host="", port="")
+@pytest.mark.parametrize("source", ["CsvSource", "ParquetSource"])
+@pytest.mark.parametrize("field,value", [("host", "influxdb"), ("port", "8086"), ("bucket", "b"), ("token", "t"),
+                                         ("db_org", "o")])
+def test_a_file_source_refuses_connection_fields_it_does_not_use(client, source, field, value):
+    body = {"featuregroup_name": "file_group", "feature_list": "a,b", "datalake_source": source,
+            "measurement": "cell_kpis.csv", "enable_dme": False, field: value}
+    problem = assert_problem(client.post(FG_V1, json=body), 400, errors=(field,))
+    assert problem["errors"][field] == [f"Not used by a {source}: leave it out or empty."]
+    assert names(client) == []
+
+
+@pytest.mark.parametrize("source", ["CsvSource", "ParquetSource"])
+@pytest.mark.parametrize("value", [None, "", "  "])
+def test_a_file_source_needs_its_file(client, source, value):
+    body = {"featuregroup_name": "file_group", "feature_list": "a,b", "datalake_source": source,
+            "enable_dme": False}
+    if value is not None:
+        body["measurement"] = value
+    assert_problem(client.post(FG_V1, json=body), 400, errors=("measurement",))
+    assert names(client) == []
+
+
+def test_a_file_source_still_needs_a_valid_port_when_one_is_given(client):
+    # The port's rule (digits, 1 to 65535) holds for every source.
+    body = feature_group_body("csv_group", datalake_source="CsvSource", host="", port="http", bucket="", token="",
+                              db_org="", measurement="x.csv")
     assert_problem(client.post(FG_V1, json=body), 400, errors=("port",))
     assert names(client) == []
 
@@ -175,6 +201,14 @@ def test_create_without_a_required_field_is_400(client, field):
     response = client.post(FG_V1, json=without(feature_group_body(), field))
     body = assert_problem(response, 400, errors=(field,))
     assert body["errors"][field] == ["Missing data for required field."]
+    assert names(client) == []
+
+
+@pytest.mark.parametrize("field", sorted(INFLUX_REQUIRED))
+def test_create_of_an_influx_source_without_a_field_it_reads_is_400(client, field):
+    response = client.post(FG_V1, json=without(feature_group_body(), field))
+    body = assert_problem(response, 400, errors=(field,))
+    assert body["errors"][field] == [INFLUX_REQUIRED[field]]
     assert names(client) == []
 
 
@@ -260,13 +294,23 @@ def test_create_with_a_bad_datalake_source_is_400(client, source):
     assert names(client) == []
 
 
-@pytest.mark.parametrize("field", ["host", "bucket", "db_org", "measurement"])
-@pytest.mark.parametrize("value", ["", "   "])
+@pytest.mark.parametrize("field", ["host", "port", "bucket", "db_org", "measurement"])
+@pytest.mark.parametrize("value", ["", "   ", None])
 def test_influx_source_needs_non_empty_connection_fields(client, field, value):
-    response = client.post(FG_V1, json=feature_group_body(**{field: value}))
-    body = assert_problem(response, 400, errors=(field,))
-    assert body["errors"][field] == ["Must not be empty for an InfluxSource."]
+    body = feature_group_body()
+    if value is None:
+        del body[field]
+    else:
+        body[field] = value
+    problem = assert_problem(client.post(FG_V1, json=body), 400, errors=(field,))
+    if field != "measurement" or value is not None:  # a missing measurement is "required" for every source
+        assert problem["errors"][field] == ["Required, not empty, for an InfluxSource."]
     assert names(client) == []
+
+
+def test_influx_source_token_may_be_empty(client):
+    # An InfluxDB without authentication: the token is the one connection field that may be empty.
+    assert create_feature_group(client, token="")["token"] == ""
 
 
 @pytest.mark.parametrize(

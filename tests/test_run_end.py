@@ -24,11 +24,6 @@ def test_another_clock_cannot_put_the_end_before_the_start_or_in_the_future():
     assert _run_end(RunStatus("SUCCEEDED", ended_at=far), START) <= datetime.now(timezone.utc)
 
 
-def test_a_start_read_back_from_sqlite_without_a_zone_is_utc():
-    naive_start = START.replace(tzinfo=None)
-    assert _run_end(RunStatus("SUCCEEDED", ended_at=START - timedelta(seconds=5)), naive_start) == START
-
-
 def test_a_run_id_names_its_job():
     from trainingmgr.workers.steps import job_id_of_run, new_run_id
 

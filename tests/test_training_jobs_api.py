@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from tests.factories import assert_problem_details, create_feature_group, upload_pipeline as upload
+from tests.factories import (assert_problem_details, create_feature_group, create_file_feature_group,
+                             upload_pipeline as upload)
 from trainingmgr import PROJECT_ROOT
 from trainingmgr.extensions import db
 from trainingmgr.models import Model, TrainingJob, WorkItem
@@ -92,8 +93,7 @@ def ids(client: Any, url: str = JOBS) -> list[int]:
 
 @pytest.fixture
 def setup(client):
-    create_feature_group(client, "cell_kpis", datalake_source="CsvSource", host="", port="1", bucket="",
-                         db_org="", measurement="cell_kpis.csv", feature_list=FEATURES)
+    create_file_feature_group(client, "cell_kpis", measurement="cell_kpis.csv", feature_list=FEATURES)
     upload(client, "qoe_training", PIPELINES / "qoe_training.yaml")
     upload(client, "qoe_retraining", PIPELINES / "qoe_retraining.yaml")
     return client

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.factories import create_feature_group, upload_pipeline as upload
+from tests.factories import create_feature_group, create_file_feature_group, upload_pipeline as upload
 from tests.peers import RAppReceiver
 from trainingmgr import PROJECT_ROOT
 
@@ -112,8 +112,7 @@ def wait_for_step(client: Any, job_id: int, step: str, state: str, timeout: floa
 
 @pytest.fixture
 def setup(client):
-    create_feature_group(client, "cell_kpis", datalake_source="CsvSource", host="", port="1", bucket="",
-                         db_org="", measurement="cell_kpis.csv", feature_list=FEATURES)
+    create_file_feature_group(client, "cell_kpis", measurement="cell_kpis.csv", feature_list=FEATURES)
     upload(client, "qoe_training", TRAINING_YAML)
     upload(client, "qoe_retraining", RETRAINING_YAML)
     return client

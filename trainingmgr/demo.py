@@ -48,7 +48,6 @@ class Demo:
             "featuregroup_name": FEATURE_GROUP,
             "feature_list": "prbUsageDl,prbUsageUl,activeUes,sinrMean,throughputDl",
             "datalake_source": "CsvSource",
-            "host": "", "port": "1", "bucket": "", "token": "", "db_org": "",
             "measurement": "cell_kpis.csv",
             "enable_dme": False,
         }

@@ -9,8 +9,16 @@ from ..secrets import MASK, TokenCipher
 from .fields import Port, StrictBoolean, TrimmedString, validate_name
 
 DATALAKE_SOURCES = ("InfluxSource", "CsvSource", "ParquetSource")
-# Connection fields an InfluxDB source cannot do without.
-INFLUX_REQUIRED = ("host", "port", "bucket", "db_org", "measurement")
+# What each source reads: the fields it needs not empty, those it needs present (an InfluxDB token may be "": a
+# server without authentication; absent, a PUT would silently drop the stored one), and those it does not use.
+# `measurement` names the measurement or the file.
+CONNECTION_FIELDS = ("host", "port", "bucket", "token", "db_org")
+SOURCE_FIELDS = {
+    "InfluxSource": {"required": ("host", "port", "bucket", "db_org", "measurement"), "present": ("token",),
+                     "unused": ()},
+    "CsvSource": {"required": ("measurement",), "present": (), "unused": CONNECTION_FIELDS},
+    "ParquetSource": {"required": ("measurement",), "present": (), "unused": CONNECTION_FIELDS},
+}
 DME_REQUIRED = ("measured_obj_class", "dme_port", "source_name")
 # The columns of these text fields are VARCHAR(255): longer values are a 400, not a database error.
 _MAX_255 = validate.Length(max=255)
@@ -34,11 +42,12 @@ class FeatureGroupConfigSchema(Schema):
         required=True,
         validate=validate.OneOf(DATALAKE_SOURCES, error="Must be one of: {choices}."),
     )
-    host = TrimmedString(required=True, validate=_MAX_255)
-    port = Port(required=True, allow_none=False)
-    bucket = TrimmedString(required=True, validate=_MAX_255)
-    token = fields.String(required=True)
-    db_org = TrimmedString(required=True, validate=_MAX_255)
+    # Required or not by datalake_source (SOURCE_FIELDS); absent means "".
+    host = TrimmedString(load_default="", validate=_MAX_255)
+    port = Port(load_default="", allow_none=False, empty_as_none=True)
+    bucket = TrimmedString(load_default="", validate=_MAX_255)
+    token = fields.String(load_default=None)
+    db_org = TrimmedString(load_default="", validate=_MAX_255)
     measurement = TrimmedString(required=True, validate=_MAX_255)
     enable_dme = StrictBoolean(required=True)
     measured_obj_class = TrimmedString(load_default=None, validate=_MAX_255)
@@ -56,10 +65,19 @@ class FeatureGroupConfigSchema(Schema):
     @validates_schema
     def _source_rules(self, data: dict[str, Any], **kwargs: Any) -> None:
         errors: dict[str, list[str]] = {}
-        if data.get("datalake_source") == "InfluxSource":
-            for name in INFLUX_REQUIRED:
-                if name in data and data[name] == "":
-                    errors[name] = ["Must not be empty for an InfluxSource."]
+        source = data.get("datalake_source")
+        rules = SOURCE_FIELDS.get(source or "")
+        if rules is not None:
+            article = "an" if source[0] in "AEIOU" else "a"
+            for name in rules["required"]:
+                if not data.get(name):
+                    errors[name] = [f"Required, not empty, for {article} {source}."]
+            for name in rules["present"]:
+                if data.get(name) is None:
+                    errors[name] = [f"Required for {article} {source} (it may be empty)."]
+            for name in rules["unused"]:
+                if data.get(name) and not (name == "token" and data[name] == MASK):
+                    errors[name] = [f"Not used by {article} {source}: leave it out or empty."]
         if data.get("enable_dme"):
             for name in DME_REQUIRED:
                 if not data.get(name):

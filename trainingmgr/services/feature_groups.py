@@ -172,7 +172,7 @@ class FeatureGroupService:
         fg.feature_list = data["feature_list"]
         fg.datalake_source = data["datalake_source"]
         fg.host = data["host"]
-        fg.port = data["port"]
+        fg.port = data["port"] or ""
         fg.bucket = data["bucket"]
         fg.db_org = data["db_org"]
         fg.measurement = data["measurement"]
@@ -182,7 +182,7 @@ class FeatureGroupService:
         fg.dme_port = data.get("dme_port") or None
         fg.source_name = data.get("source_name") or None
         if not keep_token:
-            fg.token_encrypted = self.cipher.encrypt(data["token"])
+            fg.token_encrypted = self.cipher.encrypt(data["token"] or "")
 
     def token(self, fg: FeatureGroup) -> str:
         """The clear token, for adapters that connect to the source; never for a response."""
