@@ -28,6 +28,18 @@ def listening(port: int) -> bool:
         return False
 
 
+def answers(port: int) -> bool:
+    """An HTTP server on the port answered a request, whatever its status: it is up and its app loaded (moto
+    imports its backends on the first request, which can take seconds on a loaded machine)."""
+    import requests
+
+    try:
+        requests.get(f"http://127.0.0.1:{port}/", timeout=10)
+        return True
+    except Exception:  # noqa: BLE001 - not up yet, whatever the error
+        return False
+
+
 def stop(process: subprocess.Popen, timeout: float = 30) -> int:
     """SIGTERM, then SIGKILL when it has not stopped in `timeout` seconds; its exit status."""
     if process.poll() is None:
@@ -77,9 +89,9 @@ def moto_server(log_dir: Path) -> Iterator[str]:
         with started([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], log_path=log,
                      stop_timeout=10) as process:
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and process.poll() is None and not listening(port):
+            while time.monotonic() < deadline and process.poll() is None and not answers(port):
                 time.sleep(0.1)
-            if process.poll() is None and listening(port):
+            if process.poll() is None and answers(port):
                 yield f"127.0.0.1:{port}"
                 return
     raise AssertionError(f"moto server did not start: {log.read_text(errors='replace')[-2000:]}")

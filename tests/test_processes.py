@@ -97,3 +97,30 @@ def test_demo_fails_with_status_1_when_the_service_is_unreachable(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert demo.returncode == 1
     assert "demo FAILED" in demo.stdout
+
+
+def test_demo_on_the_s3_object_store(tmp_path):
+    """The bundled demo on the production object store (moto's S3 server): with TM_S3_BUCKET it stores
+    `demo_qoe` (not a valid bucket name) in the one bucket; without it, the job is refused at creation with the rule,
+    instead of failing after the whole training."""
+    from minio import Minio
+
+    from tests.processes import moto_server
+
+    with moto_server(tmp_path) as endpoint:
+        env = {**os.environ, "TM_DATA_DIR": str(tmp_path / "data"), "TM_DATABASE_URL": "", "TM_OBJECT_STORE": "s3",
+               "TM_S3_ENDPOINT": endpoint, "TM_S3_ACCESS_KEY": "demo", "TM_S3_SECRET_KEY": "demo-secret"}
+        refused = subprocess.run([sys.executable, "-m", "trainingmgr", "demo", "--timeout", "300"], env=env,
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=DEMO_TIMEOUT)
+        assert refused.returncode == 1
+        assert "answered 400" in refused.stdout and "cannot be an S3 bucket" in refused.stdout
+        assert "TM_S3_BUCKET" in refused.stdout
+
+        env["TM_S3_BUCKET"] = "trainingmgr-models"
+        demo = subprocess.run([sys.executable, "-m", "trainingmgr", "demo", "--timeout", "300"], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=DEMO_TIMEOUT)
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        assert "retrained: artifact 1.0.0 -> 1.1.0" in demo.stdout
+        s3 = Minio(endpoint, access_key="demo", secret_key="demo-secret", secure=False)
+        stored = sorted(o.object_name for o in s3.list_objects("trainingmgr-models", recursive=True))
+        assert stored == ["demo_qoe/1/1.0.0/Model.zip", "demo_qoe/1/1.1.0/Model.zip"]

@@ -127,6 +127,42 @@ def test_put_size_stream_delete(store: S3ObjectStore, bucket: str, model_file: P
     assert _idle_slots(store) > 0
 
 
+@pytest.mark.parametrize("modelname", ["demo_qoe", "QoE_Model-2", "model.v1"])
+def test_one_bucket_layout_holds_any_model_name(s3_endpoint: str, raw_client: Minio, model_file: Path,
+                                                modelname: str) -> None:
+    """TM_S3_BUCKET: every model under <modelname>/<modelversion>/<artifactversion>/Model.zip of one bucket, so a
+    model name S3 refuses as a bucket (an underscore, capitals) is stored all the same."""
+    shared = f"tm-models-{uuid.uuid4().hex[:8]}"
+    store = S3ObjectStore(s3_endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, secure=False, region=None,
+                          timeout=TIMEOUT, bucket=shared)
+    store.check_model_name(modelname)
+    store.put_file(modelname, KEY, model_file)
+    assert raw_client.stat_object(shared, f"{modelname}/{KEY}").size == model_file.stat().st_size
+    assert store.size(modelname, KEY) == model_file.stat().st_size
+    assert b"".join(store.stream(modelname, KEY)) == model_file.read_bytes()
+    assert store.uri(modelname, KEY) == f"s3://{shared}/{modelname}/{KEY}"
+    assert [b.name for b in raw_client.list_buckets() if b.name.startswith("demo") or "_" in b.name] == []
+    store.delete(modelname, KEY)
+    assert store.size(modelname, KEY) is None
+
+
+@pytest.mark.parametrize("modelname", ["../x", "a/b", ".hidden", ""])
+def test_one_bucket_layout_still_refuses_names_that_change_the_key(s3_endpoint: str, model_file: Path,
+                                                                   modelname: str) -> None:
+    store = S3ObjectStore(s3_endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, secure=False, region=None,
+                          timeout=TIMEOUT, bucket="tm-models")
+    with pytest.raises(InvalidObjectName):
+        store.check_model_name(modelname)
+    with pytest.raises(InvalidObjectName):
+        store.put_file(modelname, KEY, model_file)
+
+
+def test_bucket_per_model_layout_names_the_rule_and_the_way_out(store: S3ObjectStore) -> None:
+    with pytest.raises(InvalidObjectName, match="cannot be an S3 bucket.*TM_S3_BUCKET.*lowercase"):
+        store.check_model_name("demo_qoe")
+    store.check_model_name("demo-qoe")
+
+
 def test_missing_object(store: S3ObjectStore, bucket: str, model_file: Path) -> None:
     with pytest.raises(ObjectNotFound):
         store.stream(bucket, KEY)  # no bucket

@@ -37,6 +37,8 @@ def test_settings_read_from_tm_variables(tmp_path):
         ({"TM_WORKERS": "0"}, "TM_WORKERS"),
         ({"TM_LOG_LEVEL": "chatty"}, "TM_LOG_LEVEL"),
         ({"TM_MAX_BODY_BYTES": "10"}, "TM_MAX_BODY_BYTES"),
+        ({"TM_S3_BUCKET": "Models_Of_Mine"}, "TM_S3_BUCKET 'Models_Of_Mine' is not a valid S3 bucket name"),
+        ({"TM_S3_BUCKET": "10.0.0.1"}, "TM_S3_BUCKET '10.0.0.1' is not a valid S3 bucket name: not an IP"),
     ],
 )
 def test_bad_settings_are_refused_with_the_variable_named(env, message):

@@ -148,6 +148,14 @@ class Settings:
     s3_secret_key: str = field(default="", metadata={"env": "TM_S3_SECRET_KEY", "doc": "S3 secret key"})
     s3_secure: bool = field(default=False, metadata={"env": "TM_S3_SECURE", "doc": "use TLS to reach S3"})
     s3_region: str = field(default="", metadata={"env": "TM_S3_REGION", "doc": "S3 region; empty lets the SDK ask"})
+    s3_bucket: str = field(
+        default="",
+        metadata={
+            "env": "TM_S3_BUCKET",
+            "doc": "one bucket for every model, keys <modelname>/<modelversion>/<artifactversion>/Model.zip (holds "
+            "any model name); empty means the reference's layout, a bucket per model (names must be S3 bucket names)",
+        },
+    )
     kfp_host: str = field(
         default="", metadata={"env": "TM_KFP_HOST", "doc": "Kubeflow Pipelines API URL (TM_PIPELINE_ENGINE=kfp)"}
     )
@@ -220,6 +228,13 @@ class Settings:
         ):
             if chosen and not needed:
                 raise SettingsError(f"{name} must be set for the component chosen")
+        if self.s3_bucket:
+            from .adapters.object_store import InvalidObjectName, check_s3_bucket  # name rules only, no SDK
+
+            try:
+                check_s3_bucket(self.s3_bucket, what="TM_S3_BUCKET")
+            except InvalidObjectName as e:
+                raise SettingsError(str(e)) from None
         if self.pipeline_engine == "kfp" and (self.object_store != "s3" or self.data_extraction != "remote"):
             # Pods of a cluster cannot read this machine's folders: the dataset and the model must be shared.
             raise SettingsError("TM_PIPELINE_ENGINE=kfp needs TM_OBJECT_STORE=s3 and TM_DATA_EXTRACTION=remote")

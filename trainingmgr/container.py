@@ -74,7 +74,8 @@ class Container:
             from .adapters.s3_object_store import S3ObjectStore
 
             return S3ObjectStore(s.s3_endpoint, access_key=s.s3_access_key, secret_key=s.s3_secret_key,
-                                 secure=s.s3_secure, region=s.s3_region or None, timeout=s.http_timeout)
+                                 secure=s.s3_secure, region=s.s3_region or None, timeout=s.http_timeout,
+                                 bucket=s.s3_bucket or None)
         from .adapters.object_store import LocalObjectStore
 
         return LocalObjectStore(s.data_path / "models")

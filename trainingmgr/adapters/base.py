@@ -57,7 +57,12 @@ class DataExtractor(abc.ABC):
 
 # ------------------------------------------------------------------------------------------- object store
 class ObjectStore(abc.ABC):
-    """Models are kept under the reference's layout: bucket <modelname>, key <modelversion>/<artifactversion>/Model.zip."""
+    """Models are addressed as bucket <modelname>, key <modelversion>/<artifactversion>/Model.zip (the reference's
+    layout); a store may keep them elsewhere (S3 with TM_S3_BUCKET), but callers always use these names."""
+
+    @abc.abstractmethod
+    def check_model_name(self, modelname: str) -> None:
+        """Raise an AdapterError (not retryable) saying the rule when this store cannot hold models of this name."""
 
     @abc.abstractmethod
     def put_file(self, bucket: str, key: str, path: Path) -> None: ...

@@ -47,6 +47,34 @@ def check_bucket(bucket: str) -> None:
         )
 
 
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
+_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+
+
+def check_s3_bucket(bucket: str, *, what: str = "") -> None:
+    """Our bucket rule, then S3's: 3 to 63 lowercase letters, digits, '-' or '.', no IP address, no reserved forms.
+    `what` names the setting when the bucket is one (TM_S3_BUCKET); otherwise it is a model's bucket."""
+    check_bucket(bucket)
+    problem = None
+    if not _S3_BUCKET.fullmatch(bucket):
+        problem = "3 to 63 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
+    elif any(pair in bucket for pair in ("..", ".-", "-.")):
+        problem = "no '..', '.-' or '-.'"
+    elif _IPV4.fullmatch(bucket):
+        problem = "not an IP address"
+    elif bucket.startswith(_RESERVED_PREFIXES) or bucket.endswith(_RESERVED_SUFFIXES):
+        problem = "not a name S3 reserves"
+    if problem:
+        if what:
+            raise InvalidObjectName(f"{what} {bucket!r} is not a valid S3 bucket name: {problem}")
+        raise InvalidObjectName(
+            f"model name {bucket!r} cannot be an S3 bucket (the model's bucket is named after the model; set "
+            f"TM_S3_BUCKET to keep every model in one bucket): {problem}"
+        )
+
+
 def check_key(key: str) -> list[str]:
     """The key's segments, or InvalidObjectName. Only plain names: no '.', '..', empty segments or encodings."""
     rule = "'/'-separated names of letters, digits, '_', '-' or '.', none of them '.' or '..'"
@@ -117,6 +145,9 @@ class LocalObjectStore(ObjectStore):
         return self.root.joinpath(bucket, *check_key(key))
 
     # ------------------------------------------------------------------ ObjectStore
+    def check_model_name(self, modelname: str) -> None:
+        check_bucket(modelname)
+
     def put_file(self, bucket: str, key: str, path: Path) -> None:
         target = self._path(bucket, key)
         source = Path(path)

@@ -1,9 +1,11 @@
-"""The real object store: MinIO (or any S3) through the `minio` SDK, with the reference's layout (bucket = model
-name, key = `<modelversion>/<artifactversion>/Model.zip`), so models stored by the reference's pipelines stay readable.
+"""The real object store: MinIO (or any S3) through the `minio` SDK, in one of two layouts:
+- the reference's (the default): bucket = model name, key = `<modelversion>/<artifactversion>/Model.zip`, so models
+  stored by the reference's pipelines stay readable; a model name must then also be a valid S3 bucket name;
+- one bucket (`bucket` given, TM_S3_BUCKET): key = `<modelname>/<modelversion>/<artifactversion>/Model.zip`, which
+  holds any model name the service accepts.
 
 Names are checked like the local store's (`check_bucket`, `check_key`) and, for buckets, also against S3's stricter
-rules: a model name S3 cannot hold as a bucket is an InvalidObjectName, never silently renamed (the layout must stay
-the reference's).
+rules: a model name the layout cannot hold is an InvalidObjectName, never silently renamed.
 
 Every call is bounded: connect and read timeouts of `timeout` seconds, at most 3 retries (connection errors, read
 errors on idempotent requests, 5xx answers) with a short backoff, and Retry-After headers ignored. Failures become
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import mimetypes
 import os
-import re
 from pathlib import Path
 from types import TracebackType
 from typing import Callable, Iterator, TypeVar
@@ -25,9 +26,9 @@ from minio.error import InvalidResponseError, MinioException, S3Error, ServerErr
 from urllib3.util import Retry, Timeout
 
 from .base import AdapterError, ObjectStore
-from .object_store import InvalidObjectName, ObjectNotFound, check_bucket, check_key
+from .object_store import ObjectNotFound, check_bucket, check_key, check_s3_bucket
 
-__all__ = ["S3ObjectStore", "S3Chunks", "check_s3_bucket"]
+__all__ = ["S3ObjectStore", "S3Chunks"]
 
 MAX_RETRIES = 3
 BACKOFF_FACTOR = 0.2  # urllib3 sleeps 0, 0.4 then 0.8 s between the attempts
@@ -36,33 +37,11 @@ RETRY_STATUSES = (500, 502, 503, 504)
 POOL_SIZE = 10
 PROBE_BUCKET = "trainingmgr-readiness-probe"
 
-_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
-_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
-_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
 _MISSING = ("NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound")
 _RETRYABLE_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed")
 _ALREADY_EXISTS = ("BucketAlreadyOwnedByYou", "BucketAlreadyExists")
 
 T = TypeVar("T")
-
-
-def check_s3_bucket(bucket: str) -> None:
-    """Our bucket rule, then S3's: 3 to 63 lowercase letters, digits, '-' or '.', no IP address, no reserved forms."""
-    check_bucket(bucket)
-    problem = None
-    if not _S3_BUCKET.fullmatch(bucket):
-        problem = "3 to 63 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
-    elif any(pair in bucket for pair in ("..", ".-", "-.")):
-        problem = "no '..', '.-' or '-.'"
-    elif _IPV4.fullmatch(bucket):
-        problem = "not an IP address"
-    elif bucket.startswith(_RESERVED_PREFIXES) or bucket.endswith(_RESERVED_SUFFIXES):
-        problem = "not a name S3 reserves"
-    if problem:
-        raise InvalidObjectName(
-            f"model name {bucket!r} cannot be an S3 bucket (the model's bucket is named after the model): {problem}"
-        )
 
 
 def _status(e: MinioException) -> int | None:
@@ -164,8 +143,13 @@ class S3ObjectStore(ObjectStore):
         secure: bool,
         region: str | None,
         timeout: float,
+        bucket: str | None = None,
     ):
-        """`endpoint` is `host:port`; an `http://` or `https://` prefix is accepted and then decides `secure`."""
+        """`endpoint` is `host:port`; an `http://` or `https://` prefix is accepted and then decides `secure`.
+        `bucket`: keep every model in this one bucket (under `<modelname>/`) instead of one bucket per model."""
+        if bucket:
+            check_s3_bucket(bucket, what="TM_S3_BUCKET")
+        self.bucket = bucket or None
         endpoint = (endpoint or "").strip()
         for scheme, is_secure in (("https://", True), ("http://", False)):
             if endpoint.lower().startswith(scheme):
@@ -200,9 +184,22 @@ class S3ObjectStore(ObjectStore):
             raise ValueError(f"invalid S3 endpoint {endpoint!r}: {e}") from e
 
     # ------------------------------------------------------------------ ObjectStore
-    def put_file(self, bucket: str, key: str, path: Path) -> None:
-        check_s3_bucket(bucket)
+    def check_model_name(self, modelname: str) -> None:
+        if self.bucket:
+            check_bucket(modelname)  # it becomes the first segment of the key
+        else:
+            check_s3_bucket(modelname)
+
+    def _locate(self, model_bucket: str, key: str) -> tuple[str, str]:
+        """Where the store's (bucket, key) of a model lives in S3, by the configured layout."""
+        self.check_model_name(model_bucket)
         check_key(key)
+        if self.bucket:
+            return self.bucket, f"{model_bucket}/{key}"
+        return model_bucket, key
+
+    def put_file(self, bucket: str, key: str, path: Path) -> None:
+        bucket, key = self._locate(bucket, key)
         source = Path(path)
         if not source.is_file():
             raise AdapterError(f"cannot store {source.name!r}: not a file", retryable=False)
@@ -215,8 +212,7 @@ class S3ObjectStore(ObjectStore):
         ))
 
     def size(self, bucket: str, key: str) -> int | None:
-        check_s3_bucket(bucket)
-        check_key(key)
+        bucket, key = self._locate(bucket, key)
         try:
             info = self._call(f"looking up {bucket}/{key}", lambda: self._client.stat_object(bucket, key),
                               missing=f"{bucket}/{key}")
@@ -227,19 +223,18 @@ class S3ObjectStore(ObjectStore):
     def stream(self, bucket: str, key: str, chunk_size: int = 1 << 20) -> S3Chunks:
         if chunk_size < 1:
             raise ValueError("chunk_size must be positive")
-        check_s3_bucket(bucket)
-        check_key(key)
+        bucket, key = self._locate(bucket, key)
         what = f"{bucket}/{key}"
         # Asked now, not at the first chunk: a missing object is an error the caller sees before answering 200.
         response = self._call(f"reading {what}", lambda: self._client.get_object(bucket, key), missing=what)
         return S3Chunks(response, chunk_size, what)
 
     def uri(self, bucket: str, key: str) -> str:
+        bucket, key = self._locate(bucket, key)
         return f"s3://{bucket}/{key}"
 
     def delete(self, bucket: str, key: str) -> None:
-        check_s3_bucket(bucket)
-        check_key(key)
+        bucket, key = self._locate(bucket, key)
         try:
             self._call(f"deleting {bucket}/{key}", lambda: self._client.remove_object(bucket, key),
                        missing=f"{bucket}/{key}")

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from ..config import Settings
 from ..adapters.base import AdapterError
-from ..errors import BadGateway, BadRequest, NotFound
+from ..errors import BadGateway, BadRequest, NotFound, ValidationFailed
 from ..models import FeatureGroup, Model, TrainingJob
 from ..models.feature_group import split_names
 from ..workers.queue import EXTRACT, START_RUN, WATCH_RUN, WorkQueue, utcnow
@@ -82,6 +82,11 @@ class TrainingJobService:
                                                     training_pipeline["retraining_pipeline_version"])
 
         model_ref = data["model_id"]
+        try:
+            # Refused now, not after the whole training ran: the model must fit the store's layout.
+            self.adapters.object_store.check_model_name(model_ref["modelname"])
+        except AdapterError as e:
+            raise ValidationFailed({"model_id": {"modelname": [str(e)]}}) from None
         model_id = self._model_id(model_ref["modelname"], model_ref["modelversion"], data["model_location"])
         # Hands out the training number atomically: the row stays locked until this transaction commits, so two
         # concurrent trainings of one model never get the same artifact version.

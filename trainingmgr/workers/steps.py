@@ -166,6 +166,10 @@ class StepExecutor:
             modelname=model.modelname,
             modelversion=model.modelversion,
             artifactversion=job.artifact_version,
+            # Where the model is kept (s3://... with the S3 store): a remote pipeline that stores Model.zip itself
+            # writes it there, whatever the store's layout.
+            model_uri=self.container.object_store.uri(model.modelname,
+                                                      model_key(model.modelversion, job.artifact_version)),
         )
         params.setdefault("epochs", "1")
         if job.is_retraining:
