@@ -95,17 +95,31 @@ def settings(
 
 
 @pytest.fixture
-def app(settings: Settings):
-    app = create_app(settings)
-    app.config["TESTING"] = True
-    yield app
-    app.extensions["trainingmgr"].stop_worker()
-    # Empty every table (the schema stays as migrated) so each test starts clean.
-    with app.app_context():
-        with db.engine.begin() as conn:
-            for table in reversed(Base.metadata.sorted_tables):
-                conn.execute(table.delete())
-        db.engine.dispose()
+def build_app(settings: Settings):
+    """build_app(**setting_overrides): an app on the test's database with some settings changed. Its workers are
+    stopped and every table emptied (the schema stays as migrated) when the test ends, so each test starts clean."""
+    apps = []
+
+    def make(**overrides):
+        app = create_app(settings.replace(**overrides))
+        app.config["TESTING"] = True
+        apps.append(app)
+        return app
+
+    yield make
+    for app in reversed(apps):
+        app.extensions["trainingmgr"].stop_worker()
+    for app in reversed(apps):
+        with app.app_context():
+            with db.engine.begin() as conn:
+                for table in reversed(Base.metadata.sorted_tables):
+                    conn.execute(table.delete())
+            db.engine.dispose()
+
+
+@pytest.fixture
+def app(build_app):
+    return build_app()
 
 
 @pytest.fixture

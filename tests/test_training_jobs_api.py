@@ -19,9 +19,9 @@ from sqlalchemy import func, select
 
 from tests.factories import (assert_problem_details, create_feature_group, create_file_feature_group,
                              upload_pipeline as upload)
-from trainingmgr import PROJECT_ROOT, create_app
+from trainingmgr import PROJECT_ROOT
 from trainingmgr.extensions import db
-from trainingmgr.models import Base, Model, TrainingJob, WorkItem
+from trainingmgr.models import Model, TrainingJob, WorkItem
 
 JOBS = "/ai-ml-model-training/v1/training-jobs"
 PIPELINES = PROJECT_ROOT / "examples" / "pipelines"
@@ -273,31 +273,23 @@ def test_create_with_a_bad_model_name_or_version_is_400(refused, path, value):
 
 
 @pytest.mark.parametrize("s3_bucket, accepted", [("", False), ("tm-models", True)])
-def test_a_model_name_the_s3_layout_cannot_hold_is_refused_at_creation(settings, tmp_path, s3_bucket, accepted):
+def test_a_model_name_the_s3_layout_cannot_hold_is_refused_at_creation(build_app, s3_bucket, accepted):
     """With the reference's bucket-per-model layout, `demo_qoe` cannot be an S3 bucket: refused when the job is
     created (naming the rule and TM_S3_BUCKET), not after the whole training ran. One bucket holds it."""
-    app = create_app(settings.replace(object_store="s3", s3_endpoint="127.0.0.1:9", s3_access_key="k",
-                                      s3_secret_key="s", s3_bucket=s3_bucket))
-    try:
-        client = app.test_client()
-        create_file_feature_group(client, "cell_kpis", measurement="cell_kpis.csv", feature_list=FEATURES)
-        upload(client, "qoe_training", PIPELINES / "qoe_training.yaml")
-        upload(client, "qoe_retraining", PIPELINES / "qoe_retraining.yaml")
-        response = client.post(JOBS, json=job_request("demo_qoe"))
-        if accepted:
-            assert response.status_code == 201, response.get_json()
-        else:
-            problem = assert_problem_details(response, 400)
-            message = problem["errors"]["model_id.modelname"][0]
-            assert "cannot be an S3 bucket" in message and "TM_S3_BUCKET" in message
-            assert client.get(JOBS).get_json() == []
-        assert client.post(JOBS, json=job_request("demo-qoe")).status_code == 201  # a valid bucket name
-    finally:
-        with app.app_context():
-            with db.engine.begin() as conn:
-                for table in reversed(Base.metadata.sorted_tables):
-                    conn.execute(table.delete())
-            db.engine.dispose()
+    client = build_app(object_store="s3", s3_endpoint="127.0.0.1:9", s3_access_key="k", s3_secret_key="s",
+                      s3_bucket=s3_bucket).test_client()
+    create_file_feature_group(client, "cell_kpis", measurement="cell_kpis.csv", feature_list=FEATURES)
+    upload(client, "qoe_training", PIPELINES / "qoe_training.yaml")
+    upload(client, "qoe_retraining", PIPELINES / "qoe_retraining.yaml")
+    response = client.post(JOBS, json=job_request("demo_qoe"))
+    if accepted:
+        assert response.status_code == 201, response.get_json()
+    else:
+        problem = assert_problem_details(response, 400)
+        message = problem["errors"]["model_id.modelname"][0]
+        assert "cannot be an S3 bucket" in message and "TM_S3_BUCKET" in message
+        assert client.get(JOBS).get_json() == []
+    assert client.post(JOBS, json=job_request("demo-qoe")).status_code == 201  # a valid bucket name
 
 
 def test_model_names_and_versions_at_their_limits_are_accepted(setup):

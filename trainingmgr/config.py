@@ -113,6 +113,14 @@ class Settings:
     extraction_deadline: int = field(
         default=3600, metadata={"env": "TM_EXTRACTION_DEADLINE", "doc": "seconds data extraction may take"}
     )
+    source_unreachable_timeout: int = field(
+        default=300,
+        metadata={
+            "env": "TM_SOURCE_UNREACHABLE_TIMEOUT",
+            "doc": "seconds data extraction keeps retrying a source (InfluxDB, the data-extraction service) that "
+            "cannot be reached (connection refused, unknown host) before the job fails",
+        },
+    )
     training_deadline: int = field(
         default=86400, metadata={"env": "TM_TRAINING_DEADLINE", "doc": "seconds a pipeline run may take"}
     )
@@ -238,6 +246,8 @@ class Settings:
         if self.pipeline_engine == "kfp" and (self.object_store != "s3" or self.data_extraction != "remote"):
             # Pods of a cluster cannot read this machine's folders: the dataset and the model must be shared.
             raise SettingsError("TM_PIPELINE_ENGINE=kfp needs TM_OBJECT_STORE=s3 and TM_DATA_EXTRACTION=remote")
+        if self.source_unreachable_timeout < 0:
+            raise SettingsError("TM_SOURCE_UNREACHABLE_TIMEOUT must not be negative")
         if self.max_concurrent_runs < 1 or self.worker_threads < 1:
             raise SettingsError("TM_MAX_CONCURRENT_RUNS and TM_WORKER_THREADS must be at least 1")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:

@@ -105,6 +105,10 @@ class Demo:
         while True:
             job = self._call("GET", f"{JOBS}/{job_id}", (200,)).json()
             shown = " ".join(f"{step}={state}" for step, state in job["steps_state"].items())
+            waiting = job.get("waiting")
+            if waiting:
+                shown += (f"\n    waiting: {waiting['reason']} (attempt {waiting['attempts']}; next at "
+                          f"{waiting['next_attempt_at']}; gives up at {waiting.get('gives_up_at') or 'never'})")
             if shown != last:
                 self.echo(f"  job {job_id}: {shown}")
                 last = shown

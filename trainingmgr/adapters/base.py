@@ -11,11 +11,14 @@ from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 
 class AdapterError(Exception):
-    """A peer failed. `retryable` says whether trying again later may help (outage, timeout) or not (bad input)."""
+    """A peer failed. `retryable` says whether trying again later may help (outage, timeout) or not (bad input);
+    `unreachable` that the peer could not be reached at all (connection refused, unknown host): a data source in
+    that state fails the job after TM_SOURCE_UNREACHABLE_TIMEOUT rather than at the step's deadline."""
 
-    def __init__(self, message: str, *, retryable: bool = False):
+    def __init__(self, message: str, *, retryable: bool = False, unreachable: bool = False):
         super().__init__(message)
-        self.retryable = retryable
+        self.retryable = retryable or unreachable
+        self.unreachable = unreachable
 
 
 # ------------------------------------------------------------------------------------------- data extraction

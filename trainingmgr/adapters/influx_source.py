@@ -23,6 +23,7 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import re
+import socket
 from typing import Any, Iterator, Mapping, Sequence
 
 import pandas as pd
@@ -82,6 +83,17 @@ def query_params(bucket: str, measurement: str, columns: Sequence[str]) -> dict[
     return {BUCKET_PARAM: bucket, MEASUREMENT_PARAM: measurement, COLUMNS_PARAM: list(columns)}
 
 
+def _why_unreachable(error: Exception) -> str:
+    """"connection refused" or "unknown host", as an operator reads it; the exception's class otherwise."""
+    if isinstance(error, urllib3.exceptions.NameResolutionError) or isinstance(error, socket.gaierror):
+        return "unknown host"
+    cause = error.__cause__ or error.__context__
+    if isinstance(error, ConnectionRefusedError) or isinstance(cause, ConnectionRefusedError) \
+            or "Connection refused" in str(error):
+        return "connection refused"
+    return error.__class__.__name__
+
+
 def _error(where: str, error: Exception) -> AdapterError:
     """Sort an influxdb-client failure into retryable (the server or the network) or not (our request)."""
     if isinstance(error, ApiException):
@@ -102,9 +114,11 @@ def _error(where: str, error: Exception) -> AdapterError:
     if isinstance(error, urllib3.exceptions.MaxRetryError) and isinstance(error.reason, Exception):
         error = error.reason
     if isinstance(error, urllib3.exceptions.NewConnectionError):
-        return AdapterError(f"InfluxDB at {where} is not reachable ({error.__class__.__name__})", retryable=True)
+        return AdapterError(f"InfluxDB at {where} is not reachable ({_why_unreachable(error)})", unreachable=True)
     if isinstance(error, (urllib3.exceptions.TimeoutError, TimeoutError)):
         return AdapterError(f"InfluxDB at {where} did not answer in time", retryable=True)
+    if isinstance(error, (ConnectionRefusedError, socket.gaierror)):
+        return AdapterError(f"InfluxDB at {where} is not reachable ({_why_unreachable(error)})", unreachable=True)
     if isinstance(error, (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)):
         return AdapterError(f"InfluxDB at {where} is not reachable ({error.__class__.__name__})", retryable=True)
     if isinstance(error, InfluxDBError):

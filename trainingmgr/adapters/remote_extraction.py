@@ -281,7 +281,7 @@ class RemoteExtractor(DataExtractor):
         except (requests.RequestException, OSError) as e:
             raise AdapterError(
                 f"the data-extraction service at {self._where()} is not reachable ({e.__class__.__name__})",
-                retryable=True,
+                retryable=True, unreachable=isinstance(e, (requests.ConnectionError, ConnectionError)),
             ) from e
 
     def _where(self) -> str:

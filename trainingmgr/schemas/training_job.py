@@ -197,6 +197,8 @@ def dump_training_job(job: Any, *, metrics_url: str) -> dict[str, Any]:
         "is_retraining": job.is_retraining,
         "run_id": job.run_id or "",
         "failure_reason": job.failure_reason or "",
+        # While a step retries a peer that fails: {step, reason, attempts, next_attempt_at, gives_up_at}; else null.
+        "waiting": job.waiting,
         "metrics_url": metrics_url,
         "deletion_in_progress": job.deletion_in_progress,
         "created_at": job.created_at.isoformat(),

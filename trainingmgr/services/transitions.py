@@ -33,6 +33,7 @@ class JobTransitions:
             steps = lc.advance(steps, step, state)
         job.steps_state = steps
         job.status = lc.overall_status(steps)
+        job.waiting = None  # a step moved: whatever it waited for is over
         if job.status == lc.FINISHED:
             job.finished_at = utcnow()
         log.info(

@@ -100,15 +100,54 @@ class StepExecutor:
         self.queue.finish(claim)
         self.session.commit()
 
-    def _later(self, claim: Claim, delay: float, **kwargs: Any) -> None:
+    def _later(self, claim: Claim, delay: float, *, job: TrainingJob | None = None, **kwargs: Any) -> None:
+        """Give the item back for later. With `job`: the step is not waiting for a failing peer (any more)."""
+        if job is not None and job.waiting is not None:
+            job.waiting = None
         self.queue.retry_later(claim, delay, **kwargs)
         self.session.commit()
 
     def _retry_or_fail(self, claim: Claim, job: TrainingJob, error: AdapterError, reason: str) -> None:
-        """A peer failed: try again with backoff while that may help and the step's deadline allows, else fail."""
-        if error.retryable and not self._past_deadline(claim):
-            return self._later(claim, backoff(claim.attempts))
-        self._fail(claim, job, f"{reason}: {error}")
+        """A peer failed: try again with backoff while that may help and the step's deadline allows, else fail.
+
+        Data extraction from a source that cannot be reached at all gives up after TM_SOURCE_UNREACHABLE_TIMEOUT
+        (a wrong host is not worth an hour). While it waits, the job says why, how often it tried, when it tries
+        next and until when (its `waiting`), and the log says so at WARNING."""
+        if not error.retryable or self._past_deadline(claim):
+            return self._fail(claim, job, f"{reason}: {error}")
+        now = utcnow()
+        payload = dict(claim.payload)
+        gives_up_at = claim.deadline_at
+        if claim.kind == EXTRACT and error.unreachable:
+            since = datetime.fromisoformat(payload.setdefault("unreachable_since", now.isoformat()))
+            limit = self.settings.source_unreachable_timeout
+            if (now - since).total_seconds() >= limit:
+                return self._fail(claim, job, f"{reason}: {error}; gave up after {claim.attempts} attempts in "
+                                              f"{(now - since).total_seconds():.0f} s (TM_SOURCE_UNREACHABLE_TIMEOUT"
+                                              f"={limit})")
+            gives_up_at = min(filter(None, (gives_up_at, since + timedelta(seconds=limit))))
+        else:
+            payload.pop("unreachable_since", None)
+        delay = backoff(claim.attempts)
+        if gives_up_at is not None:  # look once more at the moment it gives up, not a backoff later
+            delay = max(0.0, min(delay, (gives_up_at - now).total_seconds()))
+        next_attempt_at = now + timedelta(seconds=delay)
+        waiting = {
+            "step": self._step_in_progress(job),
+            "reason": f"{reason}: {error}"[:1000],
+            "attempts": claim.attempts,
+            "next_attempt_at": next_attempt_at.isoformat(),
+            "gives_up_at": gives_up_at.isoformat() if gives_up_at is not None else None,
+        }
+        job.waiting = waiting
+        log.warning("step waiting to retry a peer", extra={"trainingjob_id": job.id, **waiting})
+        self.queue.retry_later(claim, delay, payload=payload)
+        self.session.commit()
+
+    @staticmethod
+    def _step_in_progress(job: TrainingJob) -> str | None:
+        steps = lc.ordered(job.steps_state)
+        return next((step for step in lc.STEPS if steps[step] == lc.IN_PROGRESS), None)
 
     # -------------------------------------------------------------------------------------- extract
     def extract(self, claim: Claim) -> None:
@@ -152,7 +191,7 @@ class StepExecutor:
         elif status.state == "FAILED":
             self._fail(claim, job, f"data extraction failed: {status.error or 'no reason given'}")
         else:  # a remote extraction still running: look again later
-            self._later(claim, EXTRACTION_POLL_SECONDS, payload={**claim.payload, "started": True},
+            self._later(claim, EXTRACTION_POLL_SECONDS, job=job, payload={**claim.payload, "started": True},
                         count_attempt=False)
 
     # -------------------------------------------------------------------------------------- start the run
@@ -242,17 +281,18 @@ class StepExecutor:
             try:
                 status = engine.run_status(job.run_id)
             except AdapterError as e:
-                if not e.retryable:
-                    return self._fail(claim, job, f"the pipeline run cannot be followed: {e}")
+                if e.retryable and self._past_deadline(claim):
+                    self._terminate_quietly(job.run_id)
+                    return self._fail(claim, job,
+                                      f"the pipeline run did not finish within {self.settings.training_deadline} s")
                 # An engine outage fails no job early: look again, within the step's deadline.
-                status = None
-            if status is None or status.state == "RUNNING":
+                return self._retry_or_fail(claim, job, e, "the pipeline run cannot be followed")
+            if status.state == "RUNNING":
                 if self._past_deadline(claim):
                     self._terminate_quietly(job.run_id)
                     return self._fail(claim, job,
                                       f"the pipeline run did not finish within {self.settings.training_deadline} s")
-                delay = engine.watch_interval if status is not None else backoff(claim.attempts)
-                return self._later(claim, delay, count_attempt=status is None)
+                return self._later(claim, engine.watch_interval, job=job, count_attempt=False)
             job.run_ended_at = _run_end(status, job.run_started_at)
             if status.state != "SUCCEEDED":
                 return self._fail(claim, job, f"the pipeline run failed: {status.error or 'no reason given'}")
