@@ -16,6 +16,7 @@ setup(
         "click>=8.1,<9",
         "cryptography>=42",
         "Flask>=3.0,<4",
+        "Flask-Cors>=6,<7",
         "Flask-Migrate>=4.0,<5",
         "Flask-SQLAlchemy>=3.1,<4",
         "gunicorn>=22",

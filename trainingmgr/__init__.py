@@ -72,6 +72,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     """Build the application. `config` is a Settings, a mapping of Settings overrides, or None (environment)."""
     from . import models  # noqa: F401  (registers the tables)
     from .api import register_blueprints
+    from .api.cors import install_cors
     from .api.metrics import install_metrics
     from .container import Container
     from .errors import register_error_handlers
@@ -108,6 +109,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
 
     app.extensions["trainingmgr"] = Container(settings)
     install_request_logging(app)
+    install_cors(app, settings.cors_origins)
     register_error_handlers(app)
     register_blueprints(app)
     install_metrics(app)

@@ -72,6 +72,14 @@ class Settings:
         default=16 * 1024 * 1024,
         metadata={"env": "TM_MAX_BODY_BYTES", "doc": "largest request body accepted (413 above it)"},
     )
+    cors_origins: str = field(
+        default="*",
+        metadata={
+            "env": "TM_CORS_ORIGINS",
+            "doc": "origins browsers may call the API from: * (any, as the framework deploys it), a comma-separated "
+            "list (e.g. http://dashboard.smo:32005), or empty (CORS off)",
+        },
+    )
     secret_key: str = field(
         default="",
         metadata={
