@@ -47,9 +47,12 @@ def assert_problem(response: Any, status: int, *, errors: tuple[str, ...] = ()) 
     return body
 
 
-def expected_view(body: dict[str, Any]) -> dict[str, Any]:
-    """What the service answers for a feature group created from `body`."""
-    view = {k: v for k, v in body.items()}
+def expected_view(body: dict[str, Any], answered: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the service answers for a feature group created from `body` (with the id the service gave it)."""
+    view = {k: v for k, v in body.items() if k != "id"}
+    if answered is not None:
+        assert isinstance(answered["id"], int) and answered["id"] > 0
+        view["id"] = answered["id"]
     view["token"] = "****" if body["token"] else ""
     view["port"] = str(body["port"])
     for optional in ("measured_obj_class", "dme_port", "source_name"):
@@ -93,7 +96,9 @@ def test_create_answers_201_with_the_group_and_a_location(client):
     assert response.headers["Location"] == f"{FG_V1}/cell_kpis"
     answer = response.get_json()
     assert "cell_kpis" in answer["result"]
-    assert answer["featuregroup"] == expected_view(body)
+    assert answer["featuregroup"] == expected_view(body, answer["featuregroup"])
+    # The record's fields at the top level too, as the reference's clients read them.
+    assert {k: v for k, v in answer.items() if k not in ("result", "featuregroup")} == answer["featuregroup"]
     # The Location leads to the same group.
     got = client.get(response.headers["Location"])
     assert got.status_code == 200
@@ -109,7 +114,7 @@ def test_create_with_dme_fields(client, dme):
     response = client.post(FG_V1, json=body)
     assert response.status_code == 201, response.get_json()
     fg = response.get_json()["featuregroup"]
-    assert fg == expected_view(body)
+    assert fg == expected_view(body, fg)
     assert (fg["enable_dme"], fg["measured_obj_class"], fg["dme_port"], fg["source_name"]) == (
         True,
         "NRCellDU",
@@ -117,6 +122,18 @@ def test_create_with_dme_fields(client, dme):
         "gnb_1",
     )
     assert list(dme.jobs) == ["dme_group"]
+
+
+@pytest.mark.parametrize("source_name", ["", None])
+def test_a_dme_feature_group_without_a_source_name_filters_on_no_source(client, dme, source_name):
+    """The reference's documented DME example sends "source_name": "": accepted; the DME job then names no source."""
+    body = feature_group_body("dme_nosrc", host="127.0.0.1", enable_dme=True, measured_obj_class="NRCellDU",
+                              dme_port=dme.port, source_name=source_name)
+    response = client.post(FG_V1, json=body)
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["source_name"] == ""
+    job = dme.jobs["dme_nosrc"]
+    assert job["job_definition"]["filter"]["sourceNames"] == []
 
 
 def test_port_sent_as_a_json_integer_is_answered_as_a_string(client, dme):
@@ -319,15 +336,14 @@ def test_influx_source_token_may_be_empty(client):
         {},
         {"dme_port": "31823", "source_name": "gnb_1"},
         {"measured_obj_class": "NRCellDU", "source_name": "gnb_1"},
-        {"measured_obj_class": "NRCellDU", "dme_port": "31823"},
         {"measured_obj_class": "", "dme_port": "31823", "source_name": ""},
         {"measured_obj_class": None, "dme_port": None, "source_name": None},
     ],
-    ids=["none", "no_class", "no_port", "no_source", "empty", "nulls"],
+    ids=["none", "no_class", "no_port", "empty", "nulls"],
 )
-def test_enable_dme_needs_its_three_fields(client, given):
+def test_enable_dme_needs_its_class_and_port(client, given):
     response = client.post(FG_V1, json=feature_group_body(enable_dme=True, **given))
-    missing = tuple(f for f in ("measured_obj_class", "dme_port", "source_name") if not given.get(f))
+    missing = tuple(f for f in ("measured_obj_class", "dme_port") if not given.get(f))
     body = assert_problem(response, 400, errors=missing)
     assert set(body["errors"]) == set(missing)
     for f in missing:
@@ -520,8 +536,8 @@ def test_update_changes_the_fields_and_a_masked_token_keeps_the_stored_one(app, 
     response = client.put(f"{prefix}/cell_kpis", json=body)
     assert response.status_code == 200, response.get_json()
     answer = response.get_json()
-    assert "cell_kpis" in answer["result"]
-    assert answer["featuregroup"] == expected_view(body)
+    assert answer["result"] == "Feature Group Edited"  # the reference's words: its clients compare them
+    assert answer["featuregroup"] == expected_view(body, answer["featuregroup"])
     assert client.get(f"{FG_V1}/cell_kpis").get_json()["featuregroup"] == answer["featuregroup"]
     after = row(app, "cell_kpis")
     assert after["token_encrypted"] == before["token_encrypted"]

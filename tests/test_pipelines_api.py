@@ -98,7 +98,8 @@ def rows(app: Any) -> list[tuple[str, int, str, str]]:
 # ---------------------------------------------------------------------------------------------------- upload
 def test_first_upload_creates_version_1_and_stores_the_file(app, client, compiled):
     body = uploaded(client, "qoe_pipeline", compiled, "trains the QoE model")
-    assert body == {"result": "Pipeline qoe_pipeline version 1 uploaded", "pipeline_name": "qoe_pipeline", "version": "1"}
+    assert body == {"result": "Pipeline qoe_pipeline version 1 uploaded", "pipeline_name": "qoe_pipeline", "version": "1",
+                    "version_name": "qoe_pipeline"}  # as in Kubeflow: the first version is named after the pipeline
     sha = hashlib.sha256(compiled).hexdigest()
     assert rows(app) == [("qoe_pipeline", 1, "pipelines/qoe_pipeline/1.yaml", sha)]
     assert (data_dir(app) / "pipelines" / "qoe_pipeline" / "1.yaml").read_bytes() == compiled
@@ -114,12 +115,13 @@ def test_later_uploads_add_versions(app, client, compiled):
     uploaded(client, "qoe_pipeline", compiled, "first")
     second = compiled + b"\n# retrained variant\n"
     body = uploaded(client, "qoe_pipeline", second, "second")
-    assert body == {"result": "Pipeline qoe_pipeline version 2 uploaded", "pipeline_name": "qoe_pipeline", "version": "2"}
-    assert client.get("/pipelines/qoe_pipeline/versions").get_json() == {"versions_list": ["1", "2"]}
+    assert body == {"result": "Pipeline qoe_pipeline version 2 uploaded", "pipeline_name": "qoe_pipeline", "version": "2",
+                    "version_name": "2"}
+    assert client.get("/pipelines/qoe_pipeline/versions").get_json() == ["qoe_pipeline", "2"]
     assert (data_dir(app) / "pipelines" / "qoe_pipeline" / "2.yaml").read_bytes() == second
     assert (data_dir(app) / "pipelines" / "qoe_pipeline" / "1.yaml").read_bytes() == compiled
     info = client.get("/pipelines/qoe_pipeline").get_json()["pipeline_info"]
-    assert info["versions"] == ["1", "2"]
+    assert info["versions"] == ["qoe_pipeline", "2"]
     assert info["description"] == "first"  # the pipeline keeps its first description; versions have their own
     with app.app_context():
         service = app.extensions["trainingmgr"].pipelines()
@@ -207,7 +209,7 @@ def test_a_mapping_that_is_not_a_pipeline_names_everything_missing(client):
 def test_a_bad_upload_of_a_known_pipeline_adds_no_version(app, client, compiled):
     uploaded(client, "qoe_pipeline", compiled)
     assert_problem(upload(client, "qoe_pipeline", b"not: [a pipeline"), 400, result=True)
-    assert client.get("/pipelines/qoe_pipeline/versions").get_json() == {"versions_list": ["1"]}
+    assert client.get("/pipelines/qoe_pipeline/versions").get_json() == ["qoe_pipeline"]
     assert stored_files(app) == ["qoe_pipeline/1.yaml"]
     # The next good upload is version 2: no number was used up.
     assert uploaded(client, "qoe_pipeline", compiled)["version"] == "2"
@@ -289,7 +291,7 @@ def test_get_one_pipeline(app, client, compiled):
     uploaded(client, "qoe_pipeline", compiled)
     info = client.get("/pipelines/qoe_pipeline").get_json()["pipeline_info"]
     listed = client.get("/pipelines").get_json()["pipelines"][0]
-    assert info == {**listed, "versions": ["1", "2"]}
+    assert info == {**listed, "versions": ["qoe_pipeline", "2"]}
     assert info["display_name"] == "qoe_pipeline" and info["description"] == "trains"
 
 
@@ -303,7 +305,9 @@ def test_unknown_pipeline_is_404(client, compiled, path):
 # ---------------------------------------------------------------------------------------------------- experiments
 @pytest.mark.parametrize("path", ["/experiments", "/pipelines/experiments"])
 def test_experiments_on_both_paths(app, client, path):
-    assert client.get(path).get_json() == {"experiment_names": []}
+    # /experiments keeps the seed's object; /pipelines/experiments answers the current reference's bare array.
+    shape = (lambda names: {"experiment_names": names}) if path == "/experiments" else (lambda names: names)
+    assert client.get(path).get_json() == shape([])
     with app.app_context():
         service = app.extensions["trainingmgr"].pipelines()
         first = service.ensure_experiment("qoe-exp")
@@ -312,17 +316,17 @@ def test_experiments_on_both_paths(app, client, path):
         db.session.commit()
     response = client.get(path)
     assert response.status_code == 200
-    assert response.get_json() == {"experiment_names": ["Default", "qoe-exp"]}
+    assert response.get_json() == shape(["Default", "qoe-exp"])
 
 
 def test_experiments_path_wins_over_a_pipeline_named_experiments(app, client, compiled):
     """/pipelines/experiments is static: werkzeug ranks it before /pipelines/<pipeline_name>."""
     adapter = app.url_map.bind("localhost")
-    assert adapter.match("/pipelines/experiments")[0] == "pipelines.list_experiments_legacy"
+    assert adapter.match("/pipelines/experiments")[0] == "pipelines.list_experiments_bare"
     assert adapter.match("/pipelines/other")[0] == "pipelines.get_pipeline"
     uploaded(client, "experiments", compiled)
-    assert client.get("/pipelines/experiments").get_json() == {"experiment_names": []}
-    assert client.get("/pipelines/experiments/versions").get_json() == {"versions_list": ["1"]}
+    assert client.get("/pipelines/experiments").get_json() == []
+    assert client.get("/pipelines/experiments/versions").get_json() == ["experiments"]
     assert names(client) == ["experiments"]
 
 
@@ -344,10 +348,34 @@ def test_resolve_version(app, client, compiled):
             assert service.resolve_version("qoe_pipeline", asked).number == number, asked
         with pytest.raises(NotFound, match="no version 3"):
             service.resolve_version("qoe_pipeline", "3")
-        for bad in ("v1", "1.0", "-1", "²", "9" * 20):
+        for bad in ("²", "../x", "a b"):
             with pytest.raises(BadRequest):
                 service.resolve_version("qoe_pipeline", bad)
+        for unknown in ("v1", "1.0", "-1", "9" * 20):  # could be names: none has them
+            with pytest.raises(NotFound):
+                service.resolve_version("qoe_pipeline", unknown)
+        assert service.resolve_version("qoe_pipeline", "qoe_pipeline").number == 1  # by name
         with pytest.raises(NotFound):
             service.resolve_version("unknown", "latest")
         newest = service.resolve_version("qoe_pipeline", "latest")
         assert yaml.safe_load(service.file_for(newest).read_text())["pipelineInfo"]["name"] == "qoe-training"
+
+
+def test_version_names_as_in_kubeflow(client, compiled):
+    assert uploaded(client, "named", compiled)["version_name"] == "named"
+    assert uploaded(client, "named", compiled)["version_name"] == "2"
+    response = client.post("/pipelines/named/upload", data={"file": (io.BytesIO(compiled), "p.yaml"),
+                                                            "version_name": "v3-tuned"},
+                           content_type="multipart/form-data")
+    assert response.status_code == 200 and response.get_json()["version_name"] == "v3-tuned"
+    assert client.get("/pipelines/named/versions").get_json() == ["named", "2", "v3-tuned"]
+    taken = client.post("/pipelines/named/upload", data={"file": (io.BytesIO(compiled), "p.yaml"),
+                                                         "version_name": "v3-tuned"},
+                        content_type="multipart/form-data")
+    assert_problem(taken, 409, result=True)
+    for bad in ("7", "latest", "../x", "x" * 129):
+        refused = client.post("/pipelines/named/upload", data={"file": (io.BytesIO(compiled), "p.yaml"),
+                                                               "version_name": bad},
+                              content_type="multipart/form-data")
+        assert_problem(refused, 400, result=True)
+    assert client.get("/pipelines/named/versions").get_json() == ["named", "2", "v3-tuned"]  # nothing added

@@ -300,34 +300,63 @@ def test_model_names_and_versions_at_their_limits_are_accepted(setup):
 @pytest.mark.parametrize(
     "body, field",
     [
-        ({"model_id": {"modelname": "a", "modelversion": "1"}, "modelId": {"modelname": "a", "modelversion": "1"}},
+        ({"model_id": {"modelname": "a", "modelversion": "1"}, "modelId": {"modelname": "b", "modelversion": "1"}},
          "modelId"),
-        ({"model_id": {"modelname": "a", "modelName": "a", "modelversion": "1"}}, "model_id.modelName"),
-        ({"model_id": {"modelname": "a", "modelversion": "1", "modelVersion": "1"}}, "model_id.modelVersion"),
+        ({"model_id": {"modelname": "a", "modelName": "b", "modelversion": "1"}}, "model_id.modelName"),
+        ({"model_id": {"modelname": "a", "modelversion": "1", "modelVersion": "2"}}, "model_id.modelVersion"),
         ({"trainingConfig": "see training_config"}, "trainingConfig"),
-        ({"notification_url": "", "notificationDestination": ""}, "notificationDestination"),
-        ({"consumer_rapp_id": "a", "consumerRAppId": "a"}, "consumerRAppId"),
-        ({"producer_rapp_id": "a", "producerRAppId": "a"}, "producerRAppId"),
+        ({"notification_url": "", "notificationDestination": "http://rapp.example/n"}, "notificationDestination"),
+        ({"consumer_rapp_id": "a", "consumerRAppId": "b"}, "consumerRAppId"),
+        ({"producer_rapp_id": "a", "producerRAppId": "b"}, "producerRAppId"),
+        ({"model_location": "s3://a", "modelLocation": "s3://b"}, "modelLocation"),
+        ({"training_dataset": "a", "trainingDataset": "b"}, "trainingDataset"),
+        ({"validation_dataset": "a", "validationDataset": "b"}, "validationDataset"),
     ],
     ids=["modelId", "modelName", "modelVersion", "trainingConfig", "notificationDestination", "consumerRAppId",
-         "producerRAppId"],
+         "producerRAppId", "modelLocation", "trainingDataset", "validationDataset"],
 )
-def test_create_with_both_spellings_of_a_field_is_400(refused, body, field):
+def test_create_with_one_field_given_twice_with_different_values_is_400(refused, body, field):
     request = job_request()
     if "trainingConfig" in body:
         request["trainingConfig"] = copy.deepcopy(request["training_config"])
+        request["trainingConfig"]["description"] = "another description"
     else:
         request.update(body)
-    refused(request, field=field)
+    problem = refused(request, field=field)
+    message = " ".join(problem["errors"][field])
+    alias = field.split(".")[-1]
+    seed = {"modelId": "model_id", "modelName": "modelname", "modelVersion": "modelversion",
+            "trainingConfig": "training_config", "notificationDestination": "notification_url",
+            "consumerRAppId": "consumer_rapp_id", "producerRAppId": "producer_rapp_id",
+            "modelLocation": "model_location", "trainingDataset": "training_dataset",
+            "validationDataset": "validation_dataset"}[alias]
+    assert f"{seed} and {alias} are the same field, given twice with different values" in message
 
 
-def test_create_with_both_spellings_of_the_training_pipeline_is_400(refused):
+@pytest.mark.parametrize("body", [
+    {"model_id": {"modelname": "qoe", "modelversion": "1"}, "modelId": {"modelname": "qoe", "modelversion": "1"}},
+    {"model_id": {"modelname": "qoe", "modelName": "qoe", "modelversion": "1"}},
+    {"notification_url": "http://rapp.example/n", "notificationDestination": "http://rapp.example/n"},
+    {"model_location": "s3://m", "modelLocation": "s3://m"},
+], ids=["modelId", "modelName", "notificationDestination", "modelLocation"])
+def test_one_field_given_twice_with_the_same_value_is_fine(setup, body):
+    request = job_request()
+    request.update(body)
+    assert setup.post(JOBS, json=request).status_code == 201
+
+
+def test_create_with_both_spellings_of_the_training_pipeline_is_400_when_they_differ(refused, setup):
     body = job_request()
-    body["training_config"]["trainingPipeline"]["training_pipeline_name"] = "qoe_training"
-    refused(body, field="training_config.trainingPipeline.training_pipeline_name")
+    body["training_config"]["trainingPipeline"]["training_pipeline_name"] = "qoe_retraining"
+    problem = refused(body, field="training_config.trainingPipeline.training_pipeline_name")
+    message = problem["errors"]["training_config.trainingPipeline.training_pipeline_name"][0]
+    assert "pipeline_name and training_pipeline_name" in message
     body = job_request()
-    body["training_config"]["trainingPipeline"]["training_pipeline_version"] = "1"
+    body["training_config"]["trainingPipeline"]["training_pipeline_version"] = "2"
     refused(body, field="training_config.trainingPipeline.training_pipeline_version")
+    same = job_request()
+    same["training_config"]["trainingPipeline"]["training_pipeline_name"] = "qoe_training"
+    assert setup.post(JOBS, json=same).status_code == 201
 
 
 @pytest.mark.parametrize("body", ["[]", '"a job"', "null", "42"])
@@ -364,8 +393,10 @@ def test_create_with_an_empty_feature_group_name_is_400(refused):
         ("retraining_pipeline_name", "no_such_pipeline", 404),
         ("pipeline_version", "7", 404),
         ("retraining_pipeline_version", "7", 404),
-        ("pipeline_version", "v1", 400),
-        ("retraining_pipeline_version", "-1", 400),
+        ("pipeline_version", "v1", 404),  # a version name that no version has
+        ("retraining_pipeline_version", "-1", 404),
+        ("pipeline_version", "../1", 400),  # neither a name, a number nor "latest"
+        ("retraining_pipeline_version", "a b", 400),
         ("pipeline_name", "../qoe_training", 404),
     ],
 )
@@ -424,7 +455,10 @@ def test_training_pipeline_spellings_are_accepted(setup):
     pipeline["training_pipeline_name"] = pipeline.pop("pipeline_name")
     pipeline["training_pipeline_version"] = pipeline.pop("pipeline_version")
     job = create(setup, body)
-    assert job["training_config"]["trainingPipeline"] == job_request()["training_config"]["trainingPipeline"]
+    # Answered as sent: clients that read the config back (the dashboard) find the names they wrote.
+    assert job["training_config"] == body["training_config"]
+    assert job["training_config"]["trainingPipeline"]["training_pipeline_name"] == "qoe_training"
+    assert setup.get(f"{JOBS}/{job['id']}").get_json()["training_config"] == body["training_config"]
 
 
 @pytest.mark.parametrize(
@@ -436,12 +470,15 @@ def test_training_pipeline_spellings_are_accepted(setup):
     ],
     ids=["json-string", "empty-json-string", "object-of-scalars"],
 )
-def test_arguments_are_kept_as_an_object_of_strings(setup, arguments, expected):
+def test_arguments_are_kept_as_an_object_of_strings(setup, app, arguments, expected):
     body = job_request()
     body["training_config"]["dataPipeline"]["arguments"] = arguments
     job = create(setup, body)
-    assert job["training_config"]["dataPipeline"]["arguments"] == expected
-    assert setup.get(f"{JOBS}/{job['id']}").get_json()["training_config"]["dataPipeline"]["arguments"] == expected
+    # Answered as the client sent them; the pipeline gets the normal form (an object of strings).
+    assert job["training_config"]["dataPipeline"]["arguments"] == arguments
+    assert setup.get(f"{JOBS}/{job['id']}").get_json()["training_config"]["dataPipeline"]["arguments"] == arguments
+    with app.app_context():
+        assert db.session.get(TrainingJob, job["id"]).training_config["dataPipeline"]["arguments"] == expected
 
 
 # ---------------------------------------------------------------------------------------------------- artifact versions

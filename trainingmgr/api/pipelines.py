@@ -44,11 +44,12 @@ def upload_pipeline(pipe_name: str):
         raise BadRequest("The field 'file' is required: the compiled pipeline (YAML) to upload")
     content = upload.read()
     description = request.form.get("description", "")
-    version = services().pipelines().upload(pipe_name, content, description)
+    version = services().pipelines().upload(pipe_name, content, description, request.form.get("version_name"))
     return {
         "result": f"Pipeline {pipe_name} version {version.number} uploaded",
         "pipeline_name": pipe_name,
         "version": version.version,
+        "version_name": version.name,
     }
 
 
@@ -65,9 +66,14 @@ def list_pipelines():
 
 
 @bp.get("/experiments")
-@bp.get("/pipelines/experiments", endpoint="list_experiments_legacy")
 def list_experiments():
     return {"experiment_names": services().pipelines().list_experiment_names()}
+
+
+@bp.get("/pipelines/experiments")
+def list_experiments_bare():
+    # The current reference (and its dashboard) reads a bare array here.
+    return services().pipelines().list_experiment_names()
 
 
 @bp.get("/pipelines/<pipeline_name>")
@@ -75,10 +81,12 @@ def get_pipeline(pipeline_name: str):
     service = services().pipelines()
     pipeline = service.get_pipeline(pipeline_name)
     versions = service.list_versions(pipeline_name)
-    return {"pipeline_info": {**_pipeline_view(pipeline), "versions": [v.version for v in versions]}}
+    return {"pipeline_info": {**_pipeline_view(pipeline), "versions": [v.name for v in versions]}}
 
 
 @bp.get("/pipelines/<pipeline_name>/versions")
 def list_pipeline_versions(pipeline_name: str):
     versions = services().pipelines().list_versions(pipeline_name)
-    return {"versions_list": [v.version for v in versions]}
+    # The current reference and its dashboard read a bare array of version names (the seed had
+    # {"versions_list": [...]}): they cannot coexist, the reference wins (api/swagger.yaml says so).
+    return [v.name for v in versions]

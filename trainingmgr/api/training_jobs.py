@@ -29,8 +29,10 @@ def _page():
 
 @bp.post(V1, strict_slashes=False)
 def create_training_job():
-    data = load(_request_schema, json_body())
-    job = services().training_jobs().create(data)
+    body = json_body()
+    data = load(_request_schema, body)
+    sent = body.get("training_config", body.get("trainingConfig"))
+    job = services().training_jobs().create(data, config_as_sent=sent)
     services().wake_workers()
     return _dump(job), 201, {"Location": url_for(".get_training_job", training_job_id=job.id)}
 

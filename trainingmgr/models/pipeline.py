@@ -26,17 +26,20 @@ class Pipeline(TimestampMixin, Base):
 
 
 class PipelineVersion(TimestampMixin, Base):
-    """One uploaded compiled pipeline (YAML). Versions are numbered 1, 2, ... as they come."""
+    """One uploaded compiled pipeline (YAML). Versions are numbered 1, 2, ... as they come, and named as in Kubeflow:
+    the first after the pipeline, later ones "2", "3", ..., unless the uploader names one."""
 
     __tablename__ = "pipeline_versions"
     __table_args__ = (
         UniqueConstraint("pipeline_id", "number", name="uq_pipeline_versions_pipeline_number"),
+        UniqueConstraint("pipeline_id", "name", name="uq_pipeline_versions_pipeline_name"),
         NEVER_REUSED_IDS,
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     pipeline_id: Mapped[int] = mapped_column(ForeignKey("pipelines.id", ondelete="CASCADE"), nullable=False)
     number: Mapped[int] = mapped_column(Integer, nullable=False)
+    name: Mapped[str] = mapped_column(String(128), nullable=False)
     description: Mapped[Optional[str]] = mapped_column(Text)
     # Where the compiled YAML is kept, relative to <TM_DATA_DIR>.
     file_path: Mapped[str] = mapped_column(Text, nullable=False)

@@ -42,6 +42,8 @@ class TrainingJob(TimestampMixin, Base):
     artifact_version: Mapped[str] = mapped_column(String(32), nullable=False)
     is_retraining: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     training_config: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    # The training_config as the client sent it (its spellings), answered back; training_config is the normal form.
+    training_config_sent: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
     model_location: Mapped[Optional[str]] = mapped_column(Text)
     training_dataset: Mapped[Optional[str]] = mapped_column(Text)
     validation_dataset: Mapped[Optional[str]] = mapped_column(Text)

@@ -19,7 +19,9 @@ SOURCE_FIELDS = {
     "CsvSource": {"required": ("measurement",), "present": (), "unused": CONNECTION_FIELDS},
     "ParquetSource": {"required": ("measurement",), "present": (), "unused": CONNECTION_FIELDS},
 }
-DME_REQUIRED = ("measured_obj_class", "dme_port", "source_name")
+# An empty source_name is accepted, as the reference accepts it: the DME job then filters on no source name
+# (`sourceNames: []`).
+DME_REQUIRED = ("measured_obj_class", "dme_port")
 # The columns of these text fields are VARCHAR(255): longer values are a 400, not a database error.
 _MAX_255 = validate.Length(max=255)
 
@@ -87,9 +89,11 @@ class FeatureGroupConfigSchema(Schema):
 
 
 class FeatureGroupUpdateSchema(FeatureGroupConfigSchema):
-    """As FeatureGroupConfig, but a token of "****" means: keep the stored one."""
+    """As FeatureGroupConfig, but a token of "****" means: keep the stored one, and the `id` GET answered may come
+    back (what GET shows can be PUT back unchanged)."""
 
     context_allows_mask = True
+    id = fields.Integer(load_default=None, strict=True)
 
 
 class FeatureGroupRefSchema(Schema):
@@ -116,6 +120,7 @@ def dump_feature_group(fg: Any) -> dict[str, Any]:
     A plain function rather than a marshmallow dump: it sits on the hottest read path.
     """
     return {
+        "id": fg.id,
         "featuregroup_name": fg.name,
         "feature_list": fg.feature_list,
         "datalake_source": fg.datalake_source,

@@ -24,13 +24,16 @@ _TEXT = validate.Length(max=4096)
 
 
 def _rename(data: dict[str, Any], aliases: dict[str, str], where: str) -> dict[str, Any]:
-    """Map the other spellings clients send onto the seed's; both spellings at once is an error."""
+    """Map the other spellings clients send onto the seed's. Both spellings at once are one field given twice:
+    fine with the same value, a 400 naming both when the values differ."""
     out = dict(data)
     for alias, name in aliases.items():
         if alias in out:
-            if name in out:
-                raise ValidationError({alias: [f"Give either {where}{name} or {where}{alias}, not both."]})
-            out[name] = out.pop(alias)
+            value = out.pop(alias)
+            if name in out and out[name] != value:
+                raise ValidationError({alias: [f"{where}{name} and {where}{alias} are the same field, given twice "
+                                               "with different values: give one."]})
+            out[name] = value
     return out
 
 
@@ -93,9 +96,10 @@ class TrainingPipelineSchema(Schema):
         unknown = RAISE
 
     pipeline_name = fields.String(required=True, validate=validate.Length(min=1, max=128))
-    pipeline_version = fields.String(required=True, validate=validate.Length(max=32))
+    # A version's name, its number or "latest".
+    pipeline_version = fields.String(required=True, validate=validate.Length(max=128))
     retraining_pipeline_name = fields.String(required=True, validate=validate.Length(min=1, max=128))
-    retraining_pipeline_version = fields.String(required=True, validate=validate.Length(max=32))
+    retraining_pipeline_version = fields.String(required=True, validate=validate.Length(max=128))
 
     @pre_load
     def _aliases(self, data: Any, **kwargs: Any) -> Any:
@@ -143,6 +147,9 @@ class ModelTrainingRequestSchema(Schema):
                 {
                     "modelId": "model_id",
                     "trainingConfig": "training_config",
+                    "modelLocation": "model_location",
+                    "trainingDataset": "training_dataset",
+                    "validationDataset": "validation_dataset",
                     "notificationDestination": "notification_url",
                     "consumerRAppId": "consumer_rapp_id",
                     "producerRAppId": "producer_rapp_id",
@@ -187,7 +194,8 @@ def dump_training_job(job: Any, *, metrics_url: str) -> dict[str, Any]:
         "model_location": job.model_location or "",
         "training_dataset": job.training_dataset or "",
         "validation_dataset": job.validation_dataset or "",
-        "training_config": job.training_config,
+        # As the client sent it (its spellings); the normalised form is internal.
+        "training_config": job.training_config_sent or job.training_config,
         "notification_url": job.notification_url or "",
         "consumer_rapp_id": job.consumer_rapp_id or "",
         "producer_rapp_id": job.producer_rapp_id or "",

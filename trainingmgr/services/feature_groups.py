@@ -91,6 +91,8 @@ class FeatureGroupService:
             raise ValidationFailed(
                 {"featuregroup_name": [f"Must equal the name in the path ({name!r}): renaming is not supported."]}
             )
+        if data.get("id") is not None and data["id"] != fg.id:
+            raise ValidationFailed({"id": [f"Must be this feature group's id ({fg.id}) or left out."]})
         had_dme = fg.enable_dme
         # Where its DME job lives now: the update may change host and port.
         previous = SimpleNamespace(name=fg.name, host=fg.host, dme_port=fg.dme_port)

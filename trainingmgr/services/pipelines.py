@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from ..adapters.base import AdapterError
 from ..adapters.pipeline_files import yaml_documents
-from ..errors import BadRequest, NotFound, ServiceUnavailable
+from ..errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from ..models import Experiment, Pipeline, PipelineVersion
 from ..models.base import utcnow
 
@@ -39,6 +39,13 @@ UPLOAD_ATTEMPTS = 5
 def check_pipeline_name(name: str) -> None:
     if not isinstance(name, str) or not PIPELINE_NAME.fullmatch(name):
         raise BadRequest(f"Invalid pipeline name {name!r}: {PIPELINE_NAME_RULE}.")
+
+
+def check_version_name(name: str) -> None:
+    """A version name a job can refer to without ambiguity: not a bare number (numbers name versions by their
+    order) and not "latest"."""
+    if not isinstance(name, str) or not PIPELINE_NAME.fullmatch(name) or name.isdigit() or name.lower() == LATEST:
+        raise BadRequest(f"Invalid version_name {name!r}: {PIPELINE_NAME_RULE}, not only digits, not 'latest'.")
 
 
 def parse_pipeline_spec(content: bytes) -> dict[str, Any]:
@@ -105,15 +112,20 @@ class PipelineService:
         self.engine = engine
 
     # ------------------------------------------------------------------------------------------ upload
-    def upload(self, name: str, content: bytes, description: str | None = None) -> PipelineVersion:
-        """Store a compiled pipeline as the next version of `name` (version 1 creates the pipeline)."""
+    def upload(self, name: str, content: bytes, description: str | None = None,
+               version_name: str | None = None) -> PipelineVersion:
+        """Store a compiled pipeline as the next version of `name` (version 1 creates the pipeline), named
+        `version_name`, or as Kubeflow names them: the first after the pipeline, later ones by their number."""
         check_pipeline_name(name)
+        version_name = (version_name or "").strip() or None
+        if version_name is not None:
+            check_version_name(version_name)
         parse_pipeline_spec(content)
         description = (description or "").strip() or None
         sha256 = hashlib.sha256(content).hexdigest()
         for attempt in range(1, UPLOAD_ATTEMPTS + 1):
             try:
-                return self._store_version(name, content, description, sha256)
+                return self._store_version(name, content, description, sha256, version_name)
             except (IntegrityError, OperationalError) as e:
                 # Another upload created the same pipeline first (or SQLite was busy): the next try sees it.
                 self.session.rollback()
@@ -124,7 +136,8 @@ class PipelineService:
                 log.info("pipeline upload retried", extra={"pipeline": name, "attempt": attempt})
         raise AssertionError("unreachable")
 
-    def _store_version(self, name: str, content: bytes, description: str | None, sha256: str) -> PipelineVersion:
+    def _store_version(self, name: str, content: bytes, description: str | None, sha256: str,
+                       version_name: str | None) -> PipelineVersion:
         # Writing to the pipeline's row first locks it until the commit (PostgreSQL: the row; SQLite: the
         # database), so concurrent uploads of one name get numbers one after the other, never the same one.
         locked = self.session.execute(
@@ -145,9 +158,16 @@ class PipelineService:
             )
             or 0
         ) + 1
+        if version_name is None:
+            version_name = name if number == 1 else str(number)
+        elif self.session.scalar(select(PipelineVersion.id).where(PipelineVersion.pipeline_id == pipeline.id,
+                                                                  PipelineVersion.name == version_name)):
+            self.session.rollback()
+            raise Conflict(f"Pipeline {name} has a version named {version_name!r} already")
         relative = Path("pipelines") / name / f"{number}.yaml"
         version = PipelineVersion(
-            pipeline=pipeline, number=number, description=description, file_path=relative.as_posix(), sha256=sha256
+            pipeline=pipeline, number=number, name=version_name, description=description,
+            file_path=relative.as_posix(), sha256=sha256,
         )
         self.session.add(version)
         self.session.flush()
@@ -191,7 +211,7 @@ class PipelineService:
         )
 
     def resolve_version(self, name: str, version: str | int | None) -> PipelineVersion:
-        """The version `version` of pipeline `name`: a number, or "latest" / "" (None) for the newest."""
+        """The version `version` of pipeline `name`: its name, its number, or "latest" / "" (None) for the newest."""
         pipeline = self.get_pipeline(name)
         text = "" if version is None else str(version).strip()
         query = select(PipelineVersion).where(PipelineVersion.pipeline_id == pipeline.id)
@@ -199,8 +219,11 @@ class PipelineService:
             found = self.session.scalar(query.order_by(PipelineVersion.number.desc()).limit(1))
         elif text.isascii() and text.isdigit() and len(text) <= 9:
             found = self.session.scalar(query.where(PipelineVersion.number == int(text)))
+        elif PIPELINE_NAME.fullmatch(text):
+            found = self.session.scalar(query.where(PipelineVersion.name == text))
         else:
-            raise BadRequest(f"Invalid version {version!r} of pipeline {name!r}: a version number or 'latest'.")
+            raise BadRequest(f"Invalid version {version!r} of pipeline {name!r}: a version name or number, or "
+                             "'latest'.")
         if found is None:
             raise NotFound(f"Pipeline {name!r} has no version {text or LATEST}")
         return found

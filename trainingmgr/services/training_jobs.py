@@ -61,7 +61,9 @@ class TrainingJobService:
         self.queue = WorkQueue(session)
 
     # ------------------------------------------------------------------------------------------ create
-    def create(self, data: dict[str, Any]) -> TrainingJob:
+    def create(self, data: dict[str, Any], *, config_as_sent: dict[str, Any] | None = None) -> TrainingJob:
+        """`data` as the schema loaded it; `config_as_sent`: the client's training_config, kept to answer it back
+        with the client's own spellings."""
         config = data["training_config"]
         data_pipeline = config["dataPipeline"]
         training_pipeline = config["trainingPipeline"]
@@ -70,6 +72,10 @@ class TrainingJobService:
         if not fg_name and registered is not None:
             fg_name = self._feature_group_for(registered)
             data_pipeline["feature_group_name"] = fg_name
+            if isinstance(config_as_sent, dict) and isinstance(config_as_sent.get("dataPipeline"), dict):
+                # The client's copy says which feature group was chosen for it, too.
+                config_as_sent = {**config_as_sent,
+                                  "dataPipeline": {**config_as_sent["dataPipeline"], "feature_group_name": fg_name}}
         if not fg_name:
             raise BadRequest("training_config.dataPipeline.feature_group_name must name a feature group")
         fg = self.session.scalar(select(FeatureGroup).where(FeatureGroup.name == fg_name))
@@ -106,6 +112,7 @@ class TrainingJobService:
             artifact_version=artifact_version(number),
             is_retraining=is_retraining,
             training_config=config,
+            training_config_sent=config_as_sent if isinstance(config_as_sent, dict) else None,
             model_location=data["model_location"] or None,
             training_dataset=data["training_dataset"] or None,
             validation_dataset=data["validation_dataset"] or None,
