@@ -10,9 +10,10 @@ import re
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
-from tests.factories import assert_problem_details, FG_V1, add_training_job, create_feature_group, feature_group_body
+from tests.factories import (FG_V1, add_training_job, assert_problem_details, create_feature_group,
+                             create_file_feature_group, feature_group_body)
 from trainingmgr.extensions import db
 from trainingmgr.logs import JsonFormatter
 from trainingmgr.models import FeatureGroup
@@ -175,12 +176,34 @@ def test_a_file_source_needs_only_its_file(client, source):
 @pytest.mark.parametrize("source", ["CsvSource", "ParquetSource"])
 @pytest.mark.parametrize("field,value", [("host", "influxdb"), ("port", "8086"), ("bucket", "b"), ("token", "t"),
                                          ("db_org", "o")])
-def test_a_file_source_refuses_connection_fields_it_does_not_use(client, source, field, value):
+def test_a_file_source_accepts_connection_fields_it_does_not_use_and_keeps_none(app, client, source, field, value):
+    """Clients such as the dashboard send every field: accepted, and stored as "" (no secret is kept for a source
+    that never uses it)."""
     body = {"featuregroup_name": "file_group", "feature_list": "a,b", "datalake_source": source,
             "measurement": "cell_kpis.csv", "enable_dme": False, field: value}
-    problem = assert_problem(client.post(FG_V1, json=body), 400, errors=(field,))
-    assert problem["errors"][field] == [f"Not used by a {source}: leave it out or empty."]
-    assert names(client) == []
+    response = client.post(FG_V1, json=body)
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["featuregroup"][field] == ""
+    if field == "token":
+        assert clear_token(app, "file_group") == ""
+    else:
+        assert row(app, "file_group")[field] == ""
+
+
+def test_a_file_source_stored_with_connection_fields_can_be_put_back(app, client):
+    """File feature groups stored before this rule carry InfluxDB fields: what GET shows them with goes back in a
+    PUT (the dashboard's edit), and the fields are cleared."""
+    create_file_feature_group(client, "old_csv", measurement="cell_kpis.csv", feature_list="a,b")
+    with app.app_context():
+        db.session.execute(text("UPDATE feature_groups SET host = 'influx', port = '1', bucket = 'b', db_org = 'o' "
+                                "WHERE name = 'old_csv'"))
+        db.session.commit()
+    shown = client.get(f"{FG_V1}/old_csv").get_json()["featuregroup"]
+    assert shown["host"] == "influx"
+    response = client.put(f"{FG_V1}/old_csv", json=shown)
+    assert response.status_code == 200, response.get_json()
+    assert {k: response.get_json()["featuregroup"][k] for k in ("host", "port", "bucket", "db_org")} == \
+        dict.fromkeys(("host", "port", "bucket", "db_org"), "")
 
 
 @pytest.mark.parametrize("source", ["CsvSource", "ParquetSource"])

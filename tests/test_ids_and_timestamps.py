@@ -11,7 +11,7 @@ from tests.test_training_lifecycle import JOBS, job_request, setup  # noqa: F401
 from trainingmgr import create_app
 from trainingmgr.config import Settings
 from trainingmgr.extensions import db
-from trainingmgr.models import TrainingJob, WorkItem
+from trainingmgr.models import Base, TrainingJob, WorkItem
 from trainingmgr.schema import enable_migrations
 
 
@@ -80,6 +80,16 @@ def test_the_sqlite_migration_keeps_rows_and_references(tmp_path):
             conn.exec_driver_sql(
                 "INSERT INTO work_items (id, job_id, kind, payload, due_at, attempts, created_at) VALUES"
                 " (11, 5, 'extract', '{}', '2026-01-01 00:00:00', 0, '2026-01-01 00:00:00')")
+            # Pipelines, one named by digits only: 0004 names their versions without a clash.
+            for pipeline_id, name in ((1, "qoe"), (2, "2")):
+                conn.exec_driver_sql(
+                    "INSERT INTO pipelines (id, name, created_at, updated_at) VALUES"
+                    f" ({pipeline_id}, '{name}', '2026-01-01 00:00:00', '2026-01-01 00:00:00')")
+                for number in (1, 2):
+                    conn.exec_driver_sql(
+                        "INSERT INTO pipeline_versions (pipeline_id, number, file_path, sha256, created_at,"
+                        f" updated_at) VALUES ({pipeline_id}, {number}, 'p.yaml', 'x', '2026-01-01 00:00:00',"
+                        " '2026-01-01 00:00:00')")
         alembic_upgrade()
         with db.engine.begin() as conn:
             assert conn.exec_driver_sql("SELECT id FROM training_jobs").scalars().all() == [5]
@@ -93,6 +103,19 @@ def test_the_sqlite_migration_keeps_rows_and_references(tmp_path):
                 " training_config, steps_state, status, deletion_in_progress, created_at, updated_at) VALUES"
                 " (3, 7, '1.1.0', 0, '{}', '{}', 'NOT_STARTED', 0, '2026-01-01 00:00:00', '2026-01-01 00:00:00')")
             assert conn.exec_driver_sql("SELECT id FROM training_jobs").scalars().all() == [6]
+            assert conn.exec_driver_sql(
+                "SELECT name FROM pipeline_versions ORDER BY pipeline_id, number").scalars().all() == [
+                "qoe", "2", "1", "2"]
         row = db.session.get(TrainingJob, 6)
         assert row.created_at == datetime(2026, 1, 1, tzinfo=timezone.utc)
         db.engine.dispose()
+
+
+def test_every_table_keeps_autoincrement_at_the_newest_revision(app, sqlite_only):
+    """Later migrations rebuild SQLite tables (batch mode): each must keep AUTOINCREMENT."""
+    with app.app_context():
+        tables = {name: sql for name, sql in db.session.execute(text(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+            "AND name != 'alembic_version'"))}
+    assert set(tables) == {t.name for t in Base.metadata.sorted_tables}
+    assert [name for name, sql in tables.items() if "AUTOINCREMENT" not in sql] == []

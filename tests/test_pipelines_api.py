@@ -379,3 +379,9 @@ def test_version_names_as_in_kubeflow(client, compiled):
                               content_type="multipart/form-data")
         assert_problem(refused, 400, result=True)
     assert client.get("/pipelines/named/versions").get_json() == ["named", "2", "v3-tuned"]  # nothing added
+
+
+def test_a_pipeline_named_by_digits_only_names_its_first_version_1(client, compiled):
+    assert uploaded(client, "2", compiled)["version_name"] == "1"  # "2" is the next version's number
+    assert uploaded(client, "2", compiled)["version_name"] == "2"
+    assert client.get("/pipelines/2/versions").get_json() == ["1", "2"]

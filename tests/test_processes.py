@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.processes import assert_ready, cpu_kept_busy, free_port, listening, served, stop
 
 DEMO_TIMEOUT = 600  # seconds a whole demo may take on a loaded machine
@@ -124,3 +126,21 @@ def test_demo_on_the_s3_object_store(tmp_path):
         s3 = Minio(endpoint, access_key="demo", secret_key="demo-secret", secure=False)
         stored = sorted(o.object_name for o in s3.list_objects("trainingmgr-models", recursive=True))
         assert stored == ["demo_qoe/1/1.0.0/Model.zip", "demo_qoe/1/1.1.0/Model.zip"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_serve_demo_stopped_during_the_demo_takes_its_server_with_it(tmp_path, signum):
+    """`docker stop`, systemd or a closed terminal while the demo runs: the server it started stops too (no
+    orphan keeps the port)."""
+    port = free_port()
+    env = {"TM_DATA_DIR": str(tmp_path / "data"), "TM_WORKERS": "1", "TM_DATABASE_URL": ""}
+    with served(tmp_path, port, env, argv=("serve", "--demo")) as demo:
+        wait_for_line(tmp_path / "server.log", r"pipeline demo_qoe_training: uploaded", demo, DEMO_TIMEOUT)
+        assert listening(port)
+        demo.send_signal(signum)
+        demo.wait(60)
+        deadline = time.monotonic() + 30
+        while listening(port):
+            assert time.monotonic() < deadline, "the server outlived the demo that started it"
+            time.sleep(0.2)
+    assert demo.returncode == 128 + signum

@@ -112,3 +112,58 @@ def test_a_peer_that_recovers_clears_the_waiting(build_app):
     finally:
         influx.stop()
     assert moved_on["waiting"] is None and moved_on["failure_reason"] == ""
+
+
+def test_a_peer_that_answered_since_starts_its_unreachable_time_afresh(build_app):
+    """The data-extraction service drops the first starts (unreachable), then starts the task and is polled for
+    longer than the grace; one dropped poll after that is a new outage, retried, not 'unreachable for too long'."""
+    from tests.extraction_doubles import DataExtractionService
+
+    service = DataExtractionService(accepted_polls=1000).start()
+    try:
+        service.drop_methods = {"POST"}
+        app = build_app(source_unreachable_timeout=GRACE, data_extraction="remote", data_extraction_url=service.url)
+        client = app.test_client()
+        job = start(client, README_FEATURE_GROUP)
+        app.extensions["trainingmgr"].start_worker(app)
+        assert "is not reachable" in waiting_of(client, job["id"])["waiting"]["reason"]
+        service.drop_methods = set()
+        deadline = time.monotonic() + 60
+        while not service.tasks:
+            assert time.monotonic() < deadline, "the extraction never started"
+            time.sleep(0.1)
+        time.sleep(GRACE + 1.5)  # polled (answered) for longer than the grace
+        polls = len(service.recorded("GET"))
+        service.drop_methods = {"GET"}
+        deadline = time.monotonic() + 30
+        while len(service.recorded("GET")) <= polls:
+            assert time.monotonic() < deadline, "no poll after the outage began"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        during = client.get(f"{JOBS}/{job['id']}").get_json()
+        assert during["status"] == "IN_PROGRESS", during["failure_reason"]
+    finally:
+        service.stop()
+
+
+def test_a_peers_error_that_echoes_the_token_is_shown_without_it(build_app, caplog):
+    from tests.extraction_doubles import DataExtractionService
+
+    token = README_FEATURE_GROUP["token"]
+    service = DataExtractionService().start()
+    try:
+        service.start_answer = (500, {"result": f"cannot start: bad influxdb_info {{'token': '{token}'}}"})
+        app = build_app(data_extraction="remote", data_extraction_url=service.url)
+        client = app.test_client()
+        job = start(client, README_FEATURE_GROUP)
+        with caplog.at_level(logging.WARNING, logger="trainingmgr.workers.steps"):
+            app.extensions["trainingmgr"].start_worker(app)
+            waiting = waiting_of(client, job["id"])["waiting"]
+            assert "cannot start" in waiting["reason"] and "****" in waiting["reason"]
+            assert token not in waiting["reason"]
+            service.start_answer = (400, {"result": f"refused: token {token}"})  # not retryable: the job fails
+            done = wait_for(client, job["id"], timeout=60)
+        assert "refused: token ****" in done["failure_reason"] and token not in done["failure_reason"]
+        assert token not in caplog.text
+    finally:
+        service.stop()

@@ -102,8 +102,8 @@ def _serve_with_demo(settings: Settings) -> int:
     from .serving import ServerProcess
 
     server = ServerProcess(settings, quiet=True).start()
-    click.echo("trainingmgr: starting the service, then the demo (the service's INFO log lines are shown once "
-               "the demo is done)")
+    click.echo("trainingmgr: starting the service, then the demo (the service's INFO log lines are left out while "
+               "the demo runs)")
     try:
         if not server.wait_ready(READY_SECONDS):
             click.echo(f"demo FAILED: the service did not become ready within {READY_SECONDS} s "

@@ -97,9 +97,28 @@ def _level_of(line: str) -> str | None:
     return None
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+class Stopped(SystemExit):
+    """This process was asked to stop (SIGTERM, SIGHUP): the server it started must stop with it."""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: Linux sends it SIGTERM when this process dies, even by SIGKILL, so no server is
+    left running without the process that started it. Only Python code that takes no lock runs here."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the signal handlers below still stop it
+        pass
+
+
 class ServerProcess:
     """`trainingmgr serve` as a child process whose output is relayed to ours, quietly (warnings and errors only)
-    while `quiet` is set, in full afterwards."""
+    while `quiet` is set, in full afterwards. From start() on, SIGTERM/SIGHUP to this process raise Stopped, so
+    the caller's cleanup stops the server; in wait() they are passed on to it instead."""
 
     def __init__(self, settings: Settings, *, quiet: bool = True, out: IO[str] | None = None):
         self.settings = settings
@@ -120,9 +139,13 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         env = {**os.environ, "TM_HOST": self.settings.host, "TM_PORT": str(self.settings.port),
                "TM_WORKERS": str(self.settings.workers)}
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._stop_requested)
+        # preexec_fn runs between fork and exec: safe here, the relay thread does not exist yet.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "trainingmgr", "serve"], env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace",
+            preexec_fn=_die_with_parent,
         )
         # A thread of this process, which is not the gunicorn master (that is the child) and forks nothing more.
         self._relay = threading.Thread(target=self._copy_output, name="tm-server-output", daemon=True)
@@ -147,16 +170,11 @@ class ServerProcess:
         return wait_until_ready(self.url, time.monotonic() + seconds, alive=self.alive)
 
     def wait(self) -> int:
-        """Until the server exits; SIGTERM/SIGINT to this process are passed on to it."""
+        """Until the server exits; SIGTERM/SIGHUP/SIGINT to this process stop it gracefully (SIGTERM)."""
         assert self.process is not None
-        previous = {sig: signal.signal(sig, self._pass_on) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, self._pass_on) for sig in STOP_SIGNALS}
         try:
-            while True:
-                try:
-                    code = self.process.wait()
-                    break
-                except KeyboardInterrupt:
-                    self._pass_on(signal.SIGINT, None)
+            code = self.process.wait()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -164,10 +182,15 @@ class ServerProcess:
             self._relay.join(5)
         return code
 
-    def _pass_on(self, signum: int, _frame: Any) -> None:
+    def _pass_on(self, _signum: int, _frame: Any) -> None:
+        # Always SIGTERM (graceful): a terminal's Ctrl-C reaches the server's process group by itself already, and
+        # gunicorn reads SIGHUP as "reload", not "stop".
         if self.alive():
             assert self.process is not None
-            self.process.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
+            self.process.terminate()
+
+    def _stop_requested(self, signum: int, _frame: Any) -> None:
+        raise Stopped(128 + signum)
 
     def stop(self, timeout: float = GRACEFUL_TIMEOUT + 10) -> int | None:
         """SIGTERM, then SIGKILL if it has not stopped within `timeout` seconds."""

@@ -37,5 +37,7 @@ def upgrade():
 
 def downgrade():
     # The rebuilt SQLite tables keep AUTOINCREMENT: never reusing ids is harmless to older code.
-    with op.batch_alter_table('training_jobs') as batch:
+    sqlite = op.get_bind().dialect.name == "sqlite"
+    with op.batch_alter_table('training_jobs',
+                              table_kwargs={"sqlite_autoincrement": True} if sqlite else {}) as batch:
         batch.drop_column('waiting')

@@ -10,8 +10,9 @@ from .fields import Port, StrictBoolean, TrimmedString, validate_name
 
 DATALAKE_SOURCES = ("InfluxSource", "CsvSource", "ParquetSource")
 # What each source reads: the fields it needs not empty, those it needs present (an InfluxDB token may be "": a
-# server without authentication; absent, a PUT would silently drop the stored one), and those it does not use.
-# `measurement` names the measurement or the file.
+# server without authentication; absent, a PUT would silently drop the stored one), and those it does not use
+# (accepted, since clients such as the dashboard send every field, and stored as "": no secret is kept for a source
+# that does not use it). `measurement` names the measurement or the file.
 CONNECTION_FIELDS = ("host", "port", "bucket", "token", "db_org")
 SOURCE_FIELDS = {
     "InfluxSource": {"required": ("host", "port", "bucket", "db_org", "measurement"), "present": ("token",),
@@ -77,9 +78,6 @@ class FeatureGroupConfigSchema(Schema):
             for name in rules["present"]:
                 if data.get(name) is None:
                     errors[name] = [f"Required for {article} {source} (it may be empty)."]
-            for name in rules["unused"]:
-                if data.get(name) and not (name == "token" and data[name] == MASK):
-                    errors[name] = [f"Not used by {article} {source}: leave it out or empty."]
         if data.get("enable_dme"):
             for name in DME_REQUIRED:
                 if not data.get(name):

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from ..adapters.base import AdapterError
 from ..errors import BadGateway, BadRequest, Conflict, NotFound, ValidationFailed
 from ..models import FeatureGroup, TrainingJob
+from ..schemas.feature_group import SOURCE_FIELDS
 from ..schemas.fields import NAME_PATTERN, NAME_RULE
 from ..secrets import MASK, TokenCipher
 from .pagination import Page, PageRequest
@@ -171,6 +172,11 @@ class FeatureGroupService:
             log.error("DME and database disagree; fix by hand", extra={"featuregroup": fg.name})
 
     def _assign(self, fg: FeatureGroup, data: dict[str, Any], *, keep_token: bool) -> None:
+        unused = SOURCE_FIELDS[data["datalake_source"]]["unused"]
+        if unused:
+            # A source that does not read them keeps none of them (nor a secret it would never use).
+            data = {**data, **dict.fromkeys(unused, "")}
+            keep_token = False
         fg.feature_list = data["feature_list"]
         fg.datalake_source = data["datalake_source"]
         fg.host = data["host"]

@@ -41,6 +41,15 @@ def check_pipeline_name(name: str) -> None:
         raise BadRequest(f"Invalid pipeline name {name!r}: {PIPELINE_NAME_RULE}.")
 
 
+def default_version_name(pipeline_name: str, number: int) -> str:
+    """A version's name when its uploader gave none, as Kubeflow names them: the first after the pipeline, later
+    ones by their number. A pipeline named only by digits names its first "1": its own name would be a later
+    version's number."""
+    if number == 1 and not pipeline_name.isdigit():
+        return pipeline_name
+    return str(number)
+
+
 def check_version_name(name: str) -> None:
     """A version name a job can refer to without ambiguity: not a bare number (numbers name versions by their
     order) and not "latest"."""
@@ -159,7 +168,7 @@ class PipelineService:
             or 0
         ) + 1
         if version_name is None:
-            version_name = name if number == 1 else str(number)
+            version_name = default_version_name(name, number)
         elif self.session.scalar(select(PipelineVersion.id).where(PipelineVersion.pipeline_id == pipeline.id,
                                                                   PipelineVersion.name == version_name)):
             self.session.rollback()

@@ -91,7 +91,17 @@ class StepExecutor:
     def _past_deadline(self, claim: Claim) -> bool:
         return claim.deadline_at is not None and utcnow() > claim.deadline_at
 
+    def _redacted(self, job: TrainingJob, text: str) -> str:
+        """`text` without the feature group's clear token: a peer's error may echo the request that carried it, and
+        the text goes into the job's answers and the log."""
+        try:
+            token = self.container.cipher.decrypt(job.feature_group.token_encrypted) if job.feature_group else ""
+        except Exception:  # noqa: BLE001 - an undecryptable token cannot be in the text either
+            return text
+        return text.replace(token, "****") if len(token) >= 4 else text
+
     def _fail(self, claim: Claim, job: TrainingJob, reason: str) -> None:
+        reason = self._redacted(job, reason)
         self.transitions.fail(job, reason)
         self.queue.finish(claim)
         self.session.commit()
@@ -101,9 +111,14 @@ class StepExecutor:
         self.session.commit()
 
     def _later(self, claim: Claim, delay: float, *, job: TrainingJob | None = None, **kwargs: Any) -> None:
-        """Give the item back for later. With `job`: the step is not waiting for a failing peer (any more)."""
-        if job is not None and job.waiting is not None:
-            job.waiting = None
+        """Give the item back for later. With `job`: the step is not waiting for a failing peer (any more), so the
+        time it was unreachable since is forgotten too."""
+        if job is not None:
+            if job.waiting is not None:
+                job.waiting = None
+            payload = kwargs.get("payload", claim.payload)
+            if "unreachable_since" in payload:
+                kwargs["payload"] = {k: v for k, v in payload.items() if k != "unreachable_since"}
         self.queue.retry_later(claim, delay, **kwargs)
         self.session.commit()
 
@@ -134,7 +149,7 @@ class StepExecutor:
         next_attempt_at = now + timedelta(seconds=delay)
         waiting = {
             "step": self._step_in_progress(job),
-            "reason": f"{reason}: {error}"[:1000],
+            "reason": self._redacted(job, f"{reason}: {error}")[:1000],
             "attempts": claim.attempts,
             "next_attempt_at": next_attempt_at.isoformat(),
             "gives_up_at": gives_up_at.isoformat() if gives_up_at is not None else None,
