@@ -415,7 +415,7 @@ def test_token_never_reaches_a_log_or_a_response(app, client, caplog):
         client.post(FG_V1, json=feature_group_body()),  # 409
         client.post(FG_V1, json=feature_group_body("bad-name!")),  # 400
         client.put(f"{FG_V1}/cell_kpis", json=feature_group_body(host="h2")),
-        client.put(f"{LEGACY}/cell_kpis", json=feature_group_body(host="h3", token="****")),
+        client.put(f"{LEGACY}/cell_kpis", json=feature_group_body(host="h2", measurement="m3", token="****")),
         client.get(f"{FG_V1}/cell_kpis"),
         client.get(f"{LEGACY}/cell_kpis"),
         client.get(FG_V1),
@@ -540,7 +540,8 @@ def test_get_with_an_invalid_name_is_400(client, prefix, name):
 
 @pytest.mark.parametrize("prefix", BY_NAME_PREFIXES)
 def test_update_changes_the_fields_and_a_masked_token_keeps_the_stored_one(app, client, prefix, dme):
-    create_feature_group(client)
+    # The token's destination (source, host, port, bucket, org) stays, so "****" keeps the stored token.
+    create_feature_group(client, host="127.0.0.1", port=9999, bucket="b2", db_org="org2")
     before = row(app, "cell_kpis")
     body = feature_group_body(
         feature_list="a,b",
@@ -794,3 +795,27 @@ def test_list_order_is_byte_order_on_every_backend(client):
     for name in ("b_group", "A_group", "a_group", "_group", "B_group"):
         create_feature_group(client, name)
     assert names(client) == ["A_group", "B_group", "_group", "a_group", "b_group"]
+
+
+@pytest.mark.parametrize("field, value", [("host", "attacker.example"), ("port", "9999"), ("bucket", "other"),
+                                          ("db_org", "other_org"), ("datalake_source", "CsvSource")])
+def test_the_masked_token_does_not_follow_a_changed_destination(app, client, field, value):
+    """A PUT with "token": "****" keeps the stored token only while it still goes where it was given for; a changed
+    destination needs the token again (else the next extraction would send the stored secret to the new host)."""
+    create_feature_group(client)
+    before = row(app, "cell_kpis")
+    body = feature_group_body(token="****", **{field: value})
+    problem = assert_problem(client.put(f"{FG_V1}/cell_kpis", json=body), 400, errors=("token",))
+    assert field in problem["errors"]["token"][0] and "Send the token again" in problem["errors"]["token"][0]
+    assert row(app, "cell_kpis") == before
+    assert clear_token(app, "cell_kpis") == TOKEN
+    # With the token sent again, the change is made.
+    again = client.put(f"{FG_V1}/cell_kpis", json=feature_group_body(token="new-token", **{field: value}))
+    assert again.status_code == 200, again.get_json()
+
+
+def test_the_masked_token_is_kept_when_the_destination_stays(app, client):
+    create_feature_group(client)
+    body = feature_group_body(token="****", feature_list="a,b,c", measurement="other_measurement")
+    assert client.put(f"{FG_V1}/cell_kpis", json=body).status_code == 200
+    assert clear_token(app, "cell_kpis") == TOKEN

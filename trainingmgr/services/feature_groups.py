@@ -33,6 +33,10 @@ def check_name(name: str) -> None:
         raise BadRequest(f"Invalid feature group name {name!r}: {NAME_RULE}.")
 
 
+# What decides where a feature group's token is sent (and what it unlocks there).
+SECRET_DESTINATION = ("datalake_source", "host", "port", "bucket", "db_org")
+
+
 class FeatureGroupService:
     """Feature groups with enable_dme have a DME information job; the row and the job are kept consistent: the
     database change is flushed first, the DME is called, and the transaction commits only when the DME agreed."""
@@ -97,8 +101,16 @@ class FeatureGroupService:
         had_dme = fg.enable_dme
         # Where its DME job lives now: the update may change host and port.
         previous = SimpleNamespace(name=fg.name, host=fg.host, dme_port=fg.dme_port)
-        # The UI shows the mask; sending it back unchanged keeps the stored token.
-        self._assign(fg, data, keep_token=data["token"] == MASK)
+        # The UI shows the mask; sending it back unchanged keeps the stored token, but only for the destination it
+        # was given for: a stored secret must never follow a changed host to somebody else's server.
+        keep_token = data["token"] == MASK
+        if keep_token and fg.token_encrypted:
+            moved = [f for f in SECRET_DESTINATION if str(getattr(fg, f) or "") != str(data.get(f) or "")]
+            if moved:
+                raise ValidationFailed({"token": [
+                    f"Send the token again: {', '.join(moved)} changed, and the stored token is only ever sent "
+                    "where it was given for (\"****\" keeps it only while the destination stays the same)."]})
+        self._assign(fg, data, keep_token=keep_token)
         self.session.flush()
         if fg.enable_dme:
             # PUT creates the job or replaces it with the new definition.
