@@ -84,13 +84,15 @@ def assert_problem_details(response: Any, status: int, title: str | None = None)
     return body
 
 
-def upload_pipeline(client: Any, name: str, path: Any) -> None:
-    """Upload a compiled pipeline file as the multipart form of POST /pipelines/{name}/upload."""
+def upload_pipeline(client: Any, name: str, path: Any, **form: str) -> dict[str, Any]:
+    """Upload a compiled pipeline file as the multipart form of POST /pipelines/{name}/upload (other form fields:
+    `form`); the answer."""
     import io
 
     response = client.post(
         f"/pipelines/{name}/upload",
-        data={"file": (io.BytesIO(path.read_bytes()), path.name), "description": "example"},
+        data={"file": (io.BytesIO(path.read_bytes()), path.name), "description": "example", **form},
         content_type="multipart/form-data",
     )
     assert response.status_code == 200, response.get_json()
+    return response.get_json()

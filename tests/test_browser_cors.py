@@ -10,7 +10,6 @@ import json
 import os
 import queue
 import shutil
-import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.processes import assert_ready, free_port, served, stop
+from tests.processes import assert_ready, free_port, served, started
 from trainingmgr import PROJECT_ROOT
 
 PAGE = Path(__file__).with_name("dashboard_page.html")
@@ -69,13 +68,14 @@ class PageServer:
         self.server.server_close()
 
 
-def browse(url: str, profile: Path, log: Path) -> subprocess.Popen:
+def browse(url: str, profile: Path, log: Path):
+    """Headless Chromium on `url`, stopped on leaving."""
     assert CHROMIUM, "Chromium is required under CI (apt-get install chromium)"
-    return subprocess.Popen(
+    return started(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", f"--user-data-dir={profile}", url],
-        stdin=subprocess.DEVNULL, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        log_path=log, stop_timeout=10)
 
 
 @pytest.mark.parametrize("cors_origins, allowed", [("*", True), ("page", True), ("", False),
@@ -95,14 +95,12 @@ def test_a_page_of_another_origin_reads_and_writes_through_fetch(tmp_path, cors_
             for name, file in (("qoe_training", "qoe_training.yaml"), ("qoe_retraining", "qoe_retraining.yaml")):
                 with (PROJECT_ROOT / "examples" / "pipelines" / file).open("rb") as f:
                     assert requests.post(f"{api}/pipelines/{name}/upload", files={"file": f}, timeout=30).ok
-            browser = browse(f"{origin}/?api={api}", tmp_path / "profile", tmp_path / "chromium.log")
-            try:
-                result = page.results.get(timeout=BROWSER_SECONDS)
-            except queue.Empty:
-                raise AssertionError("the page reported nothing: " +
-                                     (tmp_path / "chromium.log").read_text(errors="replace")[-2000:]) from None
-            finally:
-                stop(browser, 10)
+            with browse(f"{origin}/?api={api}", tmp_path / "profile", tmp_path / "chromium.log"):
+                try:
+                    result = page.results.get(timeout=BROWSER_SECONDS)
+                except queue.Empty:
+                    raise AssertionError("the page reported nothing: " +
+                                         (tmp_path / "chromium.log").read_text(errors="replace")[-2000:]) from None
             jobs = requests.get(f"{api}/ai-ml-model-training/v1/training-jobs", timeout=30).json()
     if allowed:
         assert result["ok"], result

@@ -4,11 +4,10 @@ mix them), with the answers read the way those clients read them."""
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 
-from tests.factories import FG_V1
+from tests.factories import FG_V1, upload_pipeline as upload
 from tests.test_training_lifecycle import FEATURES, RETRAINING_YAML, TRAINING_YAML
 
 JOBS = "/ai-ml-model-training/v1/training-jobs"
@@ -38,13 +37,6 @@ V08_TRAINING = {
     "consumerRAppId": "",
     "producerRAppId": "",
 }
-
-
-def upload(client, name: str, path, **form: str) -> dict:
-    response = client.post(f"/pipelines/{name}/upload", data={"file": (io.BytesIO(path.read_bytes()), path.name),
-                                                              **form}, content_type="multipart/form-data")
-    assert response.status_code == 200, response.get_json()
-    return response.get_json()
 
 
 @pytest.fixture

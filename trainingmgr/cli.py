@@ -104,19 +104,19 @@ def _serve_with_demo(settings: Settings) -> int:
     server = ServerProcess(settings, quiet=True).start()
     click.echo("trainingmgr: starting the service, then the demo (the service's INFO log lines are left out while "
                "the demo runs)")
+    passed = False
     try:
         if not server.wait_ready(READY_SECONDS):
             click.echo(f"demo FAILED: the service did not become ready within {READY_SECONDS} s "
                        "(its log is above); stopping it", err=True)
-            server.stop()
             return 1
         if not Demo(server.url, settings.data_path / "demo", echo=click.echo).run():
             click.echo("demo FAILED (see above); stopping the service", err=True)
-            server.stop()
             return 1
-    except BaseException:
-        server.stop()
-        raise
+        passed = True
+    finally:
+        if not passed:  # a failed demo, or a stop signal or error while it ran
+            server.stop()
     server.quiet = False
     click.echo(f"the service keeps serving on http://{settings.host}:{settings.port}; stop it with Ctrl-C")
     return server.wait()

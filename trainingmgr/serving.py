@@ -9,7 +9,6 @@ process of its own that starts the server as its child, never a thread of the ma
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -19,8 +18,6 @@ import time
 from typing import IO, Any, Callable
 
 from .config import Settings
-
-log = logging.getLogger(__name__)
 
 GRACEFUL_TIMEOUT = 10  # seconds a worker may finish its requests after SIGTERM; steps are durable, runs outlive us
 READY_PATH = "/readyz"
@@ -64,7 +61,7 @@ def gunicorn_application(settings: Settings) -> Any:
             self.cfg.set("accesslog", None)  # the app logs each request as JSON
             # gunicorn's control socket defaults to one path per user: instances on one machine would share it.
             self.cfg.set("control_socket_disable", True)
-            self.cfg.set("pre_fork", _refuse_threads_before_fork)
+            self.cfg.set("pre_fork", _report_threads_before_fork)
 
         def load(self) -> Any:
             # Runs in each worker process after the fork: its own engine, pool and worker threads.
@@ -76,7 +73,7 @@ def gunicorn_application(settings: Settings) -> Any:
     return Server()
 
 
-def _refuse_threads_before_fork(arbiter: Any, _worker: Any) -> None:
+def _report_threads_before_fork(arbiter: Any, _worker: Any) -> None:
     """gunicorn's pre_fork hook: a thread in the master at fork time can leave the new worker blocked for good on a
     lock that thread held. This never happens by design; if a change brings one in, say so loudly."""
     others = [t.name for t in threading.enumerate() if t is not threading.main_thread()]

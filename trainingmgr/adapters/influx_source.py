@@ -85,7 +85,7 @@ def query_params(bucket: str, measurement: str, columns: Sequence[str]) -> dict[
 
 def _why_unreachable(error: Exception) -> str:
     """"connection refused" or "unknown host", as an operator reads it; the exception's class otherwise."""
-    if isinstance(error, urllib3.exceptions.NameResolutionError) or isinstance(error, socket.gaierror):
+    if isinstance(error, (urllib3.exceptions.NameResolutionError, socket.gaierror)):
         return "unknown host"
     cause = error.__cause__ or error.__context__
     if isinstance(error, ConnectionRefusedError) or isinstance(cause, ConnectionRefusedError) \

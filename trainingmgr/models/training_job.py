@@ -57,7 +57,7 @@ class TrainingJob(TimestampMixin, Base):
     metrics: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
     failure_reason: Mapped[Optional[str]] = mapped_column(Text)
     # While a step retries a failing peer: what failed last, how often, when it is tried next and until when
-    # (JobTransitions.waiting); None when nothing is being retried.
+    # (written by StepExecutor._retry_or_fail, cleared when a step moves); None when nothing is being retried.
     waiting: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
     deletion_in_progress: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     # The pipeline version the run used (the training or the retraining pipeline).

@@ -39,6 +39,11 @@ def ordered(steps: Mapping[str, str]) -> dict[str, str]:
     return {step: steps.get(step, NOT_STARTED) for step in STEPS}
 
 
+def step_in_progress(steps: Mapping[str, str]) -> str | None:
+    """The step IN_PROGRESS now, if any."""
+    return next((step for step in STEPS if steps.get(step, NOT_STARTED) == IN_PROGRESS), None)
+
+
 def overall_status(steps: Mapping[str, str]) -> str:
     states = [steps.get(step, NOT_STARTED) for step in STEPS]
     if FAILED in states:

@@ -72,7 +72,7 @@ class TrainingJobService:
         if not fg_name and registered is not None:
             fg_name = self._feature_group_for(registered)
             data_pipeline["feature_group_name"] = fg_name
-            if isinstance(config_as_sent, dict) and isinstance(config_as_sent.get("dataPipeline"), dict):
+            if config_as_sent is not None:  # validated by the schema: an object with a dataPipeline object
                 # The client's copy says which feature group was chosen for it, too.
                 config_as_sent = {**config_as_sent,
                                   "dataPipeline": {**config_as_sent["dataPipeline"], "feature_group_name": fg_name}}
@@ -112,7 +112,7 @@ class TrainingJobService:
             artifact_version=artifact_version(number),
             is_retraining=is_retraining,
             training_config=config,
-            training_config_sent=config_as_sent if isinstance(config_as_sent, dict) else None,
+            training_config_sent=config_as_sent,
             model_location=data["model_location"] or None,
             training_dataset=data["training_dataset"] or None,
             validation_dataset=data["validation_dataset"] or None,

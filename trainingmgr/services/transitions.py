@@ -48,9 +48,7 @@ class JobTransitions:
         steps = lc.ordered(job.steps_state)
         if lc.overall_status(steps) in (lc.FINISHED, lc.FAILED):
             return False
-        step = next((s for s in lc.STEPS if steps[s] == lc.IN_PROGRESS), None) or next(
-            s for s in lc.STEPS if steps[s] != lc.FINISHED
-        )
+        step = lc.step_in_progress(steps) or next(s for s in lc.STEPS if steps[s] != lc.FINISHED)
         job.failure_reason = reason[:4000]
         self.move(job, (step, lc.FAILED))
         log.warning("job failed", extra={"trainingjob_id": job.id, "step": step, "reason": reason[:500]})

@@ -95,7 +95,7 @@ class StepExecutor:
         """`text` without the feature group's clear token: a peer's error may echo the request that carried it, and
         the text goes into the job's answers and the log."""
         try:
-            token = self.container.cipher.decrypt(job.feature_group.token_encrypted) if job.feature_group else ""
+            token = self.container.cipher.decrypt(job.feature_group.token_encrypted)
         except Exception:  # noqa: BLE001 - an undecryptable token cannot be in the text either
             return text
         return text.replace(token, "****") if len(token) >= 4 else text
@@ -148,7 +148,7 @@ class StepExecutor:
             delay = max(0.0, min(delay, (gives_up_at - now).total_seconds()))
         next_attempt_at = now + timedelta(seconds=delay)
         waiting = {
-            "step": self._step_in_progress(job),
+            "step": lc.step_in_progress(job.steps_state),
             "reason": self._redacted(job, f"{reason}: {error}")[:1000],
             "attempts": claim.attempts,
             "next_attempt_at": next_attempt_at.isoformat(),
@@ -156,13 +156,11 @@ class StepExecutor:
         }
         job.waiting = waiting
         log.warning("step waiting to retry a peer", extra={"trainingjob_id": job.id, **waiting})
-        self.queue.retry_later(claim, delay, payload=payload)
-        self.session.commit()
+        self._later(claim, delay, payload=payload)
 
-    @staticmethod
-    def _step_in_progress(job: TrainingJob) -> str | None:
-        steps = lc.ordered(job.steps_state)
-        return next((step for step in lc.STEPS if steps[step] == lc.IN_PROGRESS), None)
+    def _fail_overdue_run(self, claim: Claim, job: TrainingJob) -> None:
+        self._terminate_quietly(job.run_id)
+        self._fail(claim, job, f"the pipeline run did not finish within {self.settings.training_deadline} s")
 
     # -------------------------------------------------------------------------------------- extract
     def extract(self, claim: Claim) -> None:
@@ -297,16 +295,12 @@ class StepExecutor:
                 status = engine.run_status(job.run_id)
             except AdapterError as e:
                 if e.retryable and self._past_deadline(claim):
-                    self._terminate_quietly(job.run_id)
-                    return self._fail(claim, job,
-                                      f"the pipeline run did not finish within {self.settings.training_deadline} s")
+                    return self._fail_overdue_run(claim, job)
                 # An engine outage fails no job early: look again, within the step's deadline.
                 return self._retry_or_fail(claim, job, e, "the pipeline run cannot be followed")
             if status.state == "RUNNING":
                 if self._past_deadline(claim):
-                    self._terminate_quietly(job.run_id)
-                    return self._fail(claim, job,
-                                      f"the pipeline run did not finish within {self.settings.training_deadline} s")
+                    return self._fail_overdue_run(claim, job)
                 return self._later(claim, engine.watch_interval, job=job, count_attempt=False)
             job.run_ended_at = _run_end(status, job.run_started_at)
             if status.state != "SUCCEEDED":
