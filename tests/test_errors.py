@@ -116,6 +116,17 @@ def test_malformed_json_is_400(client, existing, method, path, data):
 
 
 @pytest.mark.parametrize("method, path", BODY_ROUTES)
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999", "-1e999"])
+def test_a_number_json_does_not_have_is_400(client, existing, method, path, number):
+    """Python's json reads NaN, Infinity and 1e999 (as inf); JSON has none of them, and a database or a client
+    reading them back would fail (PostgreSQL's json refuses NaN: a 500 before)."""
+    data = '{"featuregroup_name": "cell_kpis", "value": %s, "arguments": {"epochs": %s}}' % (number, number)
+    body = assert_problem(getattr(client, method)(path, data=data, content_type="application/json"), 400, "Bad Request")
+    assert "not valid JSON" in body["detail"] and ("not a JSON number" in body["detail"] or "too large" in body["detail"])
+    assert_unchanged(client, existing)
+
+
+@pytest.mark.parametrize("method, path", BODY_ROUTES)
 @pytest.mark.parametrize(
     "payload",
     [[feature_group_body()], "cell_kpis", 42, None, True],

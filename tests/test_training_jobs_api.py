@@ -895,3 +895,17 @@ def test_metrics_with_a_non_integer_id_is_400_not_a_model_list(client, path):
     assert body["status"] == 400 and "Invalid training job id" in body["detail"]
     posted = client.post(f"/ai-ml-model-training/v1/training-jobs/{path.replace('get', 'update')}", json={"a": 1})
     assert posted.status_code == 400
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "1e999"])
+def test_a_job_or_metrics_with_a_number_json_does_not_have_is_400(refused, setup, number):
+    body = json.dumps(job_request()).replace('"epochs": "2"', f'"epochs": {number}')
+    assert number in body
+    problem = refused(None, data=body, content_type="application/json")
+    assert "not valid JSON" in problem["detail"]
+    job = create(setup)
+    assert setup.post(f"{JOBS}/update-model-metrics/{job['id']}", json={"r2": 0.9}).status_code == 200
+    answer = setup.post(f"{JOBS}/update-model-metrics/{job['id']}", data='{"r2": %s}' % number,
+                        content_type="application/json")
+    assert_problem(answer, 400)
+    assert setup.get(f"{JOBS}/get-model-metrics/{job['id']}").get_json() == {"r2": 0.9}  # nothing lost

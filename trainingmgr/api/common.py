@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -26,9 +27,13 @@ def json_body() -> dict[str, Any]:
     except UnicodeDecodeError:
         raise BadRequest("Request body is not valid UTF-8") from None
     try:
-        body = json.loads(text)
+        # NaN, Infinity and numbers beyond a double (1e999) are not JSON: Python would take them, and no database
+        # column, JSON encoder or client could store or read them back.
+        body = json.loads(text, parse_constant=_not_json_number, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise BadRequest(f"Request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except NonFiniteNumber as e:
+        raise BadRequest(f"Request body is not valid JSON: {e}") from None
     except ValueError:  # e.g. an integer literal longer than Python's int-digit limit
         raise BadRequest("Request body is not valid JSON: a number is too long") from None
     except RecursionError:
@@ -39,6 +44,21 @@ def json_body() -> dict[str, Any]:
         # "\ud800" alone decodes to a string no encoder, cipher or database driver accepts.
         raise BadRequest("Request body is not valid JSON: it holds an unpaired surrogate escape (\\uD800-\\uDFFF)")
     return body
+
+
+class NonFiniteNumber(ValueError):
+    """NaN, Infinity or a number too large for a double in a request body."""
+
+
+def _not_json_number(name: str) -> float:
+    raise NonFiniteNumber(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise NonFiniteNumber(f"the number {text[:40]} is too large")
+    return value
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
