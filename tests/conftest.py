@@ -91,6 +91,9 @@ def settings(
         lease_seconds=5,
         notify_timeout=2.0,
         advertised_url="http://tm.example:32002",
+        # The peers of these tests (DME, InfluxDB, rApp receivers) are local servers: loopback is allowed here.
+        # The outbound policy's own tests build apps without it.
+        outbound_allow="127.0.0.1/32,localhost",
     )
 
 

@@ -8,6 +8,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from trainingmgr.adapters.outbound import OutboundPolicy
+
+# The doubles listen on this machine's loopback, which the outbound policy denies by default: adapters built
+# directly in tests get this policy (apps get TM_OUTBOUND_ALLOW in tests/conftest.py).
+LOCAL_OUTBOUND = OutboundPolicy(allow="127.0.0.1/32,localhost")
+
 
 @dataclass
 class Recorded:

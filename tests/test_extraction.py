@@ -11,6 +11,7 @@ import pytest
 from trainingmgr.adapters.base import AdapterError, ExtractionRequest
 from trainingmgr.adapters.extraction import EmbeddedExtractor
 from trainingmgr.adapters.query_filter import MAX_DEPTH, MAX_FILTER_LENGTH, FilterError, compile_filter
+from tests.peers import LOCAL_OUTBOUND
 
 # ================================================================================================ filter language
 FRAME = pd.DataFrame(
@@ -232,7 +233,7 @@ def roots(tmp_path: Path) -> list[Path]:
 
 @pytest.fixture
 def extractor(roots: list[Path], tmp_path: Path) -> EmbeddedExtractor:
-    return EmbeddedExtractor(roots, tmp_path / "data" / "datasets")
+    return EmbeddedExtractor(roots, tmp_path / "data" / "datasets", outbound=LOCAL_OUTBOUND)
 
 
 SAMPLE = pd.DataFrame(
@@ -292,7 +293,7 @@ def test_csv_without_filter_keeps_every_row_in_feature_order(extractor: Embedded
 def test_csv_is_read_in_chunks(roots: list[Path], tmp_path: Path) -> None:
     big = pd.DataFrame({"k": np.arange(1000), "v": np.arange(1000) * 2, "tag": ["a", "b"] * 500})
     big.to_csv(roots[0] / "big.csv", index=False)
-    small_chunks = EmbeddedExtractor(roots, tmp_path / "ds", chunk_rows=7)
+    small_chunks = EmbeddedExtractor(roots, tmp_path / "ds", chunk_rows=7, outbound=LOCAL_OUTBOUND)
     # The first chunks keep nothing: the header must still appear exactly once.
     status = small_chunks.start(request("big.csv", features=("k", "v"), query_filter="k >= 500 and tag = 'b'"))
     assert status.rows == 250
@@ -317,7 +318,7 @@ def test_parquet_extraction(extractor: EmbeddedExtractor, roots: list[Path]) -> 
 
 def test_parquet_read_in_batches(roots: list[Path], tmp_path: Path) -> None:
     pd.DataFrame({"a": np.arange(100), "b": np.arange(100) % 3}).to_parquet(roots[0] / "p.parquet")
-    status = EmbeddedExtractor(roots, tmp_path / "ds", chunk_rows=9).start(
+    status = EmbeddedExtractor(roots, tmp_path / "ds", chunk_rows=9, outbound=LOCAL_OUTBOUND).start(
         request("p.parquet", source="ParquetSource", features=("a",), query_filter="b = 0")
     )
     assert status.rows == 34

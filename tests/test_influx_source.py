@@ -12,6 +12,7 @@ from tests.extraction_doubles import InfluxDouble, extern_params, refused_url
 from trainingmgr.adapters.base import AdapterError, ExtractionRequest
 from trainingmgr.adapters.extraction import EmbeddedExtractor
 from trainingmgr.adapters.influx_source import COLUMNS_PARAM, FLUX_QUERY, MissingColumns, read_influx
+from tests.peers import LOCAL_OUTBOUND
 
 CELL_C1 = pd.DataFrame(
     {
@@ -49,7 +50,7 @@ def connection(influx: InfluxDouble, **changes: str) -> dict[str, str]:
 
 
 def read_all(source: dict[str, Any], columns: list[str], **kwargs: Any) -> list[pd.DataFrame]:
-    return list(read_influx(source, columns, timeout=kwargs.pop("timeout", 2), **kwargs))
+    return list(read_influx(source, columns, timeout=kwargs.pop("timeout", 2), outbound=kwargs.pop("outbound", LOCAL_OUTBOUND), **kwargs))
 
 
 def request(source: dict[str, str], *, features: tuple[str, ...] = ("pdcpBytesDl", "pdcpBytesUl"),
@@ -60,7 +61,7 @@ def request(source: dict[str, str], *, features: tuple[str, ...] = ("pdcpBytesDl
 
 @pytest.fixture
 def extractor(tmp_path: Path) -> EmbeddedExtractor:
-    return EmbeddedExtractor([tmp_path / "sources"], tmp_path / "datasets", influx_timeout=2)
+    return EmbeddedExtractor([tmp_path / "sources"], tmp_path / "datasets", influx_timeout=2, outbound=LOCAL_OUTBOUND)
 
 
 def bad_input(extractor: EmbeddedExtractor, req: ExtractionRequest, message: str) -> AdapterError:
@@ -214,7 +215,7 @@ def test_embedded_extractor_reads_influx_selects_features_and_filters(influx: In
 
 def test_embedded_extractor_chunks_and_fields_missing_from_a_series(influx: InfluxDouble,
                                                                     tmp_path: Path) -> None:
-    extractor = EmbeddedExtractor([], tmp_path / "ds", chunk_rows=2, influx_timeout=2)
+    extractor = EmbeddedExtractor([], tmp_path / "ds", chunk_rows=2, influx_timeout=2, outbound=LOCAL_OUTBOUND)
     # prbUsage exists only in the c2 series: c1's rows have no value and never satisfy a comparison.
     status = extractor.start(request(connection(influx), features=("hour", "prbUsage"),
                                      query_filter="prbUsage > 0.6 or hour < 1"))

@@ -14,6 +14,10 @@ from typing import Iterator
 import pytest
 
 from trainingmgr.adapters.notifier import HttpNotifier, sign, steps_state_body
+from trainingmgr.adapters.outbound import OutboundPolicy
+
+# The receivers here are local HTTP servers standing in for rApps: this machine's loopback is allowed explicitly.
+LOCAL = OutboundPolicy(allow="127.0.0.1/32")
 
 STEPS = {
     "TRAINED_MODEL": "NOT_STARTED",  # deliberately out of order: the body must come out in step order
@@ -117,7 +121,7 @@ def test_steps_state_body_orders_the_steps() -> None:
 
 
 def test_200_is_delivered_with_the_reference_body(receiver: Receiver) -> None:
-    notifier = HttpNotifier(timeout=2)
+    notifier = HttpNotifier(outbound=LOCAL, timeout=2)
     assert notifier.send(receiver.url + "/rapp/notify?x=1", steps_state_body(STEPS), "delivery-42") is True
     [got] = receiver.requests
     assert got.method == "POST" and got.path == "/rapp/notify?x=1"
@@ -131,7 +135,7 @@ def test_200_is_delivered_with_the_reference_body(receiver: Receiver) -> None:
 
 def test_hmac_signature_over_the_exact_body(receiver: Receiver) -> None:
     key = "shared-secret"
-    notifier = HttpNotifier(timeout=2, hmac_key=key)
+    notifier = HttpNotifier(outbound=LOCAL, timeout=2, hmac_key=key)
     assert notifier.send(receiver.url, steps_state_body(STEPS), "d-1") is True
     [got] = receiver.requests
     expected = "sha256=" + hmac.new(key.encode(), got.body, hashlib.sha256).hexdigest()
@@ -141,7 +145,7 @@ def test_hmac_signature_over_the_exact_body(receiver: Receiver) -> None:
 
 
 def test_the_delivery_id_repeats_across_attempts(receiver: Receiver) -> None:
-    notifier = HttpNotifier(timeout=2)
+    notifier = HttpNotifier(outbound=LOCAL, timeout=2)
     receiver.status = 500
     assert notifier.send(receiver.url, "x", "same-id") is False
     receiver.status = 200
@@ -154,7 +158,7 @@ def test_the_delivery_id_repeats_across_attempts(receiver: Receiver) -> None:
 def test_anything_but_200_is_not_delivered(receiver: Receiver, status: int, caplog: pytest.LogCaptureFixture) -> None:
     receiver.status = status
     with caplog.at_level(logging.WARNING, logger="trainingmgr.adapters.notifier"):
-        assert HttpNotifier(timeout=2).send(receiver.url + "/secret-path?token=abc", "the-body-text", "d") is False
+        assert HttpNotifier(outbound=LOCAL, timeout=2).send(receiver.url + "/secret-path?token=abc", "the-body-text", "d") is False
     assert len(receiver.requests) == 1  # exactly one attempt: retries are the caller's
     [record] = caplog.records
     message = record.getMessage()
@@ -166,13 +170,13 @@ def test_anything_but_200_is_not_delivered(receiver: Receiver, status: int, capl
 def test_redirects_are_not_followed(receiver: Receiver) -> None:
     receiver.status = 307
     receiver.location = "http://127.0.0.1:9/elsewhere"
-    assert HttpNotifier(timeout=2).send(receiver.url, "x", "d") is False
+    assert HttpNotifier(outbound=LOCAL, timeout=2).send(receiver.url, "x", "d") is False
     assert len(receiver.requests) == 1
 
 
 def test_a_slow_receiver_times_out(receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
     receiver.delay = 1.5
-    notifier = HttpNotifier(timeout=0.3)
+    notifier = HttpNotifier(outbound=LOCAL, timeout=0.3)
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="trainingmgr.adapters.notifier"):
         assert notifier.send(receiver.url, "x", "d") is False
@@ -186,7 +190,7 @@ def test_connection_refused_is_not_delivered() -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert HttpNotifier(timeout=1).send(f"http://127.0.0.1:{port}/", "x", "d") is False
+    assert HttpNotifier(outbound=LOCAL, timeout=1).send(f"http://127.0.0.1:{port}/", "x", "d") is False
 
 
 @pytest.mark.parametrize(
@@ -195,16 +199,16 @@ def test_connection_refused_is_not_delivered() -> None:
 )
 def test_only_http_and_https_urls(receiver: Receiver, url: str, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="trainingmgr.adapters.notifier"):
-        assert HttpNotifier(timeout=1).send(url, "x", "d") is False
+        assert HttpNotifier(outbound=LOCAL, timeout=1).send(url, "x", "d") is False
     assert "only http and https" in caplog.text
     assert receiver.requests == []
 
 
 def test_bad_header_value_is_not_delivered(receiver: Receiver) -> None:
-    assert HttpNotifier(timeout=1).send(receiver.url, "x", "bad\r\nInjected: 1") is False
+    assert HttpNotifier(outbound=LOCAL, timeout=1).send(receiver.url, "x", "bad\r\nInjected: 1") is False
     assert receiver.requests == []
 
 
 def test_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError):
-        HttpNotifier(timeout=0)
+        HttpNotifier(outbound=LOCAL, timeout=0)

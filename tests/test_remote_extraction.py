@@ -10,6 +10,7 @@ import pytest
 from tests.extraction_doubles import DataExtractionService, refused_url
 from trainingmgr.adapters.base import AdapterError, ExtractionRequest
 from trainingmgr.adapters.remote_extraction import RemoteExtractor, influx_query, start_body
+from tests.peers import LOCAL_OUTBOUND
 
 INFLUX_SOURCE = {
     "host": "influxdb.smo.svc",
@@ -48,7 +49,7 @@ def service() -> Iterator[DataExtractionService]:
 
 @pytest.fixture
 def extractor(service: DataExtractionService) -> RemoteExtractor:
-    return RemoteExtractor(service.url + "/", timeout=2)
+    return RemoteExtractor(outbound=LOCAL_OUTBOUND, url=service.url + "/", timeout=2)
 
 
 # ------------------------------------------------------------------------------------------- start
@@ -169,7 +170,7 @@ def test_a_post_is_never_sent_twice_by_the_client(service: DataExtractionService
 
 
 def test_only_connection_errors_are_retried_by_the_session() -> None:
-    extractor = RemoteExtractor("http://127.0.0.1:1", timeout=1)
+    extractor = RemoteExtractor(outbound=LOCAL_OUTBOUND, url="http://127.0.0.1:1", timeout=1)
     retry = extractor._session.get_adapter("http://127.0.0.1:1").max_retries
     assert retry.connect == 1 and retry.read is False and retry.status == 0 and retry.other == 0
     assert retry.redirect == 0
@@ -216,7 +217,7 @@ def test_error_answered_with_200_is_a_failure_too(service: DataExtractionService
 
 
 def test_unknown_task_is_retried_a_few_times_then_failed(service: DataExtractionService) -> None:
-    extractor = RemoteExtractor(service.url, timeout=2, unknown_task_limit=3)
+    extractor = RemoteExtractor(outbound=LOCAL_OUTBOUND, url=service.url, timeout=2, unknown_task_limit=3)
     for _ in range(2):
         with pytest.raises(AdapterError) as caught:
             extractor.status(request())
@@ -240,7 +241,7 @@ def test_unexpected_task_status_is_not_retried(service: DataExtractionService, e
 
 
 def test_status_4xx_is_not_retryable(service: DataExtractionService) -> None:
-    extractor = RemoteExtractor(service.url + "/not-the-service", timeout=2)
+    extractor = RemoteExtractor(outbound=LOCAL_OUTBOUND, url=service.url + "/not-the-service", timeout=2)
     with pytest.raises(AdapterError) as caught:
         extractor.status(request())
     assert caught.value.retryable is False and "HTTP 404" in str(caught.value)
@@ -249,7 +250,7 @@ def test_status_4xx_is_not_retryable(service: DataExtractionService) -> None:
 # ------------------------------------------------------------------------------------------- slow, down
 def test_slow_service_times_out_retryably_within_bounds(service: DataExtractionService) -> None:
     service.delay = 3
-    extractor = RemoteExtractor(service.url, timeout=0.3)
+    extractor = RemoteExtractor(outbound=LOCAL_OUTBOUND, url=service.url, timeout=0.3)
     for call in (extractor.start, extractor.status):
         began = time.monotonic()
         with pytest.raises(AdapterError) as caught:
@@ -261,7 +262,7 @@ def test_slow_service_times_out_retryably_within_bounds(service: DataExtractionS
 
 def test_slow_start_is_not_resent(service: DataExtractionService) -> None:
     service.delay, service.delay_methods = 3, {"POST"}
-    extractor = RemoteExtractor(service.url, timeout=0.3)
+    extractor = RemoteExtractor(outbound=LOCAL_OUTBOUND, url=service.url, timeout=0.3)
     began = time.monotonic()
     with pytest.raises(AdapterError) as caught:
         extractor.start(request())
@@ -274,7 +275,7 @@ def test_down_service_is_retryable(service: DataExtractionService) -> None:
     url = service.url
     service.stop()
     for target in (url, refused_url()):
-        extractor = RemoteExtractor(target, timeout=1)
+        extractor = RemoteExtractor(outbound=LOCAL_OUTBOUND, url=target, timeout=1)
         for call in (extractor.start, extractor.status):
             began = time.monotonic()
             with pytest.raises(AdapterError) as caught:
@@ -302,7 +303,7 @@ def test_featurepath_never_reaches_the_url_unchecked(service: DataExtractionServ
 @pytest.mark.parametrize("url", ["", "ftp://x", "dataextraction:32000", "http://"])
 def test_bad_urls_are_refused_at_construction(url: str) -> None:
     with pytest.raises(ValueError):
-        RemoteExtractor(url, timeout=1)
+        RemoteExtractor(outbound=LOCAL_OUTBOUND, url=url, timeout=1)
 
 
 def test_the_token_is_not_logged(service: DataExtractionService, extractor: RemoteExtractor,

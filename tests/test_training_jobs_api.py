@@ -627,6 +627,15 @@ def test_status_route_is_the_steps_state(setup):
     assert setup.get(f"{JOBS}/{job['id']}/status").get_json() == job["steps_state"]
 
 
+@pytest.mark.parametrize("job_id", ["abc", "qoe", "null%2Cnull", "-1", "1.5", "%C2%B2"])
+def test_status_of_a_non_integer_id_is_400_not_the_model_list(setup, job_id):
+    # It answered 200 [] through the model-list route (model "abc", version "status"), even with a model "qoe".
+    create(setup, job_request("qoe", "status"))
+    problem = assert_problem(setup.get(f"{JOBS}/{job_id}/status"), 400)
+    assert "Invalid training job id" in problem["detail"]
+    assert setup.get(f"{JOBS}/qoe/1").status_code == 200  # the model list itself is still served
+
+
 def test_delete_then_404(setup, app):
     keep = create(setup)
     job = create(setup, job_request("gone"))

@@ -27,6 +27,7 @@ def start_workers(settings, count: int, tmp_path: Path, lease: int = 3,
         "TM_DATABASE_URL": settings.database_url,
         "TM_DATA_DIR": settings.data_dir,  # one data folder: runs, datasets and models are shared
         "TM_SECRET_KEY": settings.secret_key,
+        "TM_OUTBOUND_ALLOW": settings.outbound_allow,  # the rApp receivers are local servers
         "TM_WORKER_THREADS": "3",
         "TM_WORKER_POLL_SECONDS": "0.05",
         "TM_LEASE_SECONDS": str(lease),

@@ -20,12 +20,20 @@ def _engine_options(settings: Settings) -> dict[str, Any]:
     if settings.is_sqlite:
         # One connection per thread; wait for a busy database instead of failing at once.
         return {"connect_args": {"timeout": 30, "check_same_thread": False}}
-    return {
+    options: dict[str, Any] = {
         "pool_pre_ping": True,
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_max_overflow,
         "pool_timeout": settings.db_pool_timeout,
     }
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.sqlalchemy_url)
+    if url.get_driver_name() in ("psycopg2", "psycopg") and "connect_timeout" not in url.query:
+        # A database host that does not answer at all (no refusal) fails a connection attempt after this many
+        # seconds, so requests answer 503 then instead of hanging for the system's TCP timeout (minutes).
+        options["connect_args"] = {"connect_timeout": max(1, settings.db_pool_timeout)}
+    return options
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

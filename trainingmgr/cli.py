@@ -151,9 +151,11 @@ def demo(url: str | None, timeout: float) -> None:
 
 
 @cli.command("worker")
-@click.option("--threads", type=int, default=None, help="Worker threads (TM_WORKER_THREADS).")
+@click.option("--threads", type=int, default=None, help="Threads that execute job steps (TM_WORKER_THREADS).")
+@click.option("--notify-threads", type=int, default=None,
+              help="Threads that deliver rApp notifications (TM_NOTIFY_THREADS).")
 @with_appcontext
-def worker(threads: int | None) -> None:
+def worker(threads: int | None, notify_threads: int | None) -> None:
     """Execute training-job steps in this process (alongside servers started with TM_EMBEDDED_WORKER=false)."""
     import signal
     import threading
@@ -166,8 +168,9 @@ def worker(threads: int | None) -> None:
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
-    running = Worker(app, threads=threads).start()
-    click.echo(f"trainingmgr worker {running.name} running {running.threads} threads; stop with SIGTERM")
+    running = Worker(app, threads=threads, notify_threads=notify_threads).start()
+    click.echo(f"trainingmgr worker {running.name} running {running.threads} step threads and "
+               f"{running.notify_threads} notification threads; stop with SIGTERM")
     stopping.wait()
     running.stop()
 

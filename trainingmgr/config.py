@@ -72,6 +72,33 @@ class Settings:
         default=16 * 1024 * 1024,
         metadata={"env": "TM_MAX_BODY_BYTES", "doc": "largest request body accepted (413 above it)"},
     )
+    max_metrics_bytes: int = field(
+        default=1024 * 1024,
+        metadata={"env": "TM_MAX_METRICS_BYTES", "doc": "largest model-metrics body accepted (413 above it)"},
+    )
+    request_read_timeout: float = field(
+        default=30.0,
+        metadata={
+            "env": "TM_REQUEST_READ_TIMEOUT",
+            "doc": "seconds a request may take to arrive in full (head and body); slower ones get 408 and are closed",
+        },
+    )
+    outbound_allow: str = field(
+        default="",
+        metadata={
+            "env": "TM_OUTBOUND_ALLOW",
+            "doc": "comma-separated CIDRs and host names clients may make the service call although the default "
+            "rules deny them (e.g. 127.0.0.1/32 for a receiver on this machine)",
+        },
+    )
+    outbound_deny: str = field(
+        default="",
+        metadata={
+            "env": "TM_OUTBOUND_DENY",
+            "doc": "comma-separated CIDRs and host names clients may never make the service call (beyond the "
+            "defaults: loopback, link-local, metadata, unspecified, multicast, reserved)",
+        },
+    )
     cors_origins: str = field(
         default="*",
         metadata={
@@ -152,6 +179,14 @@ class Settings:
     notify_attempts: int = field(
         default=5, metadata={"env": "TM_NOTIFY_ATTEMPTS", "doc": "tries of each rApp notification (backoff between)"}
     )
+    notify_threads: int = field(
+        default=2,
+        metadata={
+            "env": "TM_NOTIFY_THREADS",
+            "doc": "threads per worker that deliver rApp notifications, apart from the step threads, so receivers "
+            "that hang delay only notifications",
+        },
+    )
     notify_hmac_key: str = field(
         default="",
         metadata={"env": "TM_NOTIFY_HMAC_KEY", "doc": "when set, notifications carry X-TM-Signature: sha256=<hmac>"},
@@ -230,6 +265,16 @@ class Settings:
             raise SettingsError("TM_WORKERS and TM_THREADS must be at least 1")
         if self.max_body_bytes < 1024:
             raise SettingsError("TM_MAX_BODY_BYTES must be at least 1024")
+        from .adapters.outbound import OutboundPolicy  # the rules' parser only: no network, no SDK
+
+        try:
+            OutboundPolicy(self.outbound_allow, self.outbound_deny)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
+        if self.max_metrics_bytes < 1024:
+            raise SettingsError("TM_MAX_METRICS_BYTES must be at least 1024")
+        if not 0 < self.request_read_timeout <= 3600:
+            raise SettingsError("TM_REQUEST_READ_TIMEOUT must be between 0 and 3600 seconds")
         for name, value, choices in (
             ("TM_PIPELINE_ENGINE", self.pipeline_engine, ("local", "kfp")),
             ("TM_OBJECT_STORE", self.object_store, ("local", "s3")),
@@ -256,8 +301,8 @@ class Settings:
             raise SettingsError("TM_PIPELINE_ENGINE=kfp needs TM_OBJECT_STORE=s3 and TM_DATA_EXTRACTION=remote")
         if self.source_unreachable_timeout < 0:
             raise SettingsError("TM_SOURCE_UNREACHABLE_TIMEOUT must not be negative")
-        if self.max_concurrent_runs < 1 or self.worker_threads < 1:
-            raise SettingsError("TM_MAX_CONCURRENT_RUNS and TM_WORKER_THREADS must be at least 1")
+        if self.max_concurrent_runs < 1 or self.worker_threads < 1 or self.notify_threads < 1:
+            raise SettingsError("TM_MAX_CONCURRENT_RUNS, TM_WORKER_THREADS and TM_NOTIFY_THREADS must be at least 1")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise SettingsError(f"TM_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}")
 

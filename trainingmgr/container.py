@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .adapters.base import DataExtractor, Notifier, ObjectStore, PipelineEngine
     from .adapters.dme import DmeClient
     from .adapters.mme import MmeClient
+    from .adapters.outbound import OutboundPolicy
     from .services.pipelines import PipelineService
     from .services.training_jobs import TrainingJobService
 
@@ -86,10 +87,18 @@ class Container:
         if s.data_extraction == "remote":
             from .adapters.remote_extraction import RemoteExtractor
 
-            return RemoteExtractor(s.data_extraction_url, timeout=s.http_timeout)
+            return RemoteExtractor(s.data_extraction_url, timeout=s.http_timeout, outbound=self.outbound)
         from .adapters.extraction import EmbeddedExtractor
 
-        return EmbeddedExtractor(s.source_roots, s.data_path / "datasets", influx_timeout=s.http_timeout)
+        return EmbeddedExtractor(s.source_roots, s.data_path / "datasets", influx_timeout=s.http_timeout,
+                                 outbound=self.outbound)
+
+    @cached_property
+    def outbound(self) -> "OutboundPolicy":
+        """Where clients may make this service connect (notification URLs, feature groups' hosts)."""
+        from .adapters.outbound import OutboundPolicy
+
+        return OutboundPolicy(self.settings.outbound_allow, self.settings.outbound_deny)
 
     @cached_property
     def mme(self) -> "MmeClient | None":
@@ -104,17 +113,19 @@ class Container:
         from .adapters.dme import DmeClient
 
         s = self.settings
-        return DmeClient(topic=s.dme_topic, bootstrap_servers=s.dme_bootstrap_servers, timeout=s.http_timeout)
+        return DmeClient(topic=s.dme_topic, bootstrap_servers=s.dme_bootstrap_servers, timeout=s.http_timeout,
+                         outbound=self.outbound)
 
     @cached_property
     def notifier(self) -> "Notifier":
         from .adapters.notifier import HttpNotifier
 
-        return HttpNotifier(timeout=self.settings.notify_timeout, hmac_key=self.settings.notify_hmac_key)
+        return HttpNotifier(timeout=self.settings.notify_timeout, hmac_key=self.settings.notify_hmac_key,
+                            outbound=self.outbound)
 
     # ------------------------------------------------------------------ services (share the request's session)
     def feature_groups(self) -> FeatureGroupService:
-        return FeatureGroupService(db.session, self.cipher, self.dme)
+        return FeatureGroupService(db.session, self.cipher, self.dme, self.outbound)
 
     def pipelines(self) -> "PipelineService":
         from .services.pipelines import PipelineService

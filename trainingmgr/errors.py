@@ -11,12 +11,13 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 log = logging.getLogger(__name__)
 
 R1AP_PREFIX = "/ai-ml-model-training/"
 PROBLEM_JSON = "application/problem+json"
+RETRY_AFTER_SECONDS = 5  # what a 503 asks clients to wait before they try again
 
 
 class ApiError(Exception):
@@ -70,6 +71,50 @@ class BadGateway(ApiError):
 class ServiceUnavailable(ApiError):
     status = 503
     title = "Service Unavailable"
+    retry_after: int | None = RETRY_AFTER_SECONDS  # seconds, sent as Retry-After
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """The database cannot be reached (down, restarting, refusing connections) or no pooled connection came free in
+    TM_DB_POOL_TIMEOUT: a passing state, not the request's fault and not a bug."""
+
+    def __init__(self) -> None:
+        super().__init__("The database is unreachable at the moment; try again later.")
+
+
+# SQLSTATEs of a PostgreSQL server that is away or cannot take a session now: connection exceptions (class 08),
+# shutting down or starting up (57P01, 57P02, 57P03), too many connections (53300).
+_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """True when `error` says the database cannot be reached, not that a statement failed: SQLAlchemy's pool
+    timeout, a connection SQLAlchemy invalidated, and the driver's connection-level errors (psycopg2's
+    OperationalError/InterfaceError without a SQLSTATE, as for a refused or lost connection, or with one of the
+    SQLSTATEs above). SQLite's errors (a locked or missing file) are not outages: they stay what they are."""
+    from sqlalchemy import exc
+
+    if isinstance(error, exc.TimeoutError):
+        return True
+    if not isinstance(error, exc.DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    try:
+        import psycopg2
+    except ImportError:  # pragma: no cover - installed with the service
+        return False
+    if not isinstance(error.orig, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+        return False
+    code = getattr(error.orig, "pgcode", None)
+    return code is None or code.startswith(_UNAVAILABLE_SQLSTATES)
+
+
+def describe_database_error(error: BaseException) -> str:
+    """One short line for the log (the driver's first line, no traceback, no SQL)."""
+    cause = getattr(error, "orig", None) or error
+    first = (str(cause).strip().splitlines() or [""])[0]
+    return f"{cause.__class__.__name__}: {first}"[:300]
 
 
 def flatten_errors(errors: Any, prefix: str = "") -> dict[str, list[str]]:
@@ -105,12 +150,20 @@ def problem_response(status: int, title: str, detail: str, **members: Any) -> Re
     return response
 
 
+def _problem_of(error: ApiError) -> Response:
+    response = problem_response(error.status, error.title, error.detail, errors=error.errors, **error.extra)
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after:
+        response.headers["Retry-After"] = str(int(retry_after))
+    return response
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(error: ApiError) -> Response:
         if error.status >= 500:
             log.error("request failed: %s", error.detail)
-        return problem_response(error.status, error.title, error.detail, errors=error.errors, **error.extra)
+        return _problem_of(error)
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:
@@ -121,14 +174,23 @@ def register_error_handlers(app: Flask) -> None:
         elif status == 405:
             detail = f"Method {request.method} is not allowed on {request.path}"
         elif status == 413:
-            detail = f"Request body is larger than the limit of {app.config['MAX_CONTENT_LENGTH']} bytes"
-        response = problem_response(status, error.name, detail)
+            detail = f"Request body is larger than the limit of {request.max_content_length} bytes"
+        title = error.name
+        if isinstance(error, ClientDisconnected) and isinstance(error.__context__, TimeoutError | BlockingIOError):
+            # The socket's receive timeout (TM_REQUEST_READ_TIMEOUT, set by the serving worker) ran out mid-body.
+            status, title = 408, "Request Timeout"
+            detail = "The request body did not arrive within the read timeout"
+        response = problem_response(status, title, detail)
         if status == 405 and getattr(error, "valid_methods", None):
             response.headers["Allow"] = ", ".join(error.valid_methods)
         return response
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
+        if database_unavailable(error):
+            # One line per request, no traceback: an outage is not a bug, and /readyz says it too.
+            log.error("request failed: database unavailable (%s)", describe_database_error(error))
+            return _problem_of(DatabaseUnavailable())
         request_id = getattr(g, "request_id", "-")
         log.exception("unhandled error")
         return problem_response(

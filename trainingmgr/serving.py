@@ -45,17 +45,22 @@ def wait_until_ready(url: str, deadline: float, *, alive: Callable[[], bool] = l
 
 
 def gunicorn_application(settings: Settings) -> Any:
-    """The gunicorn application `serve` runs: gthread workers, each building its own app after the fork."""
+    """The gunicorn application `serve` runs: gthread workers (requests buffered by the event loop), each building its
+    own app after the fork."""
     from gunicorn.app.base import BaseApplication
 
     from . import create_app
 
     class Server(BaseApplication):
+        # Read by the worker class (trainingmgr.http_worker): its read timeout and body limits.
+        settings_for_workers = settings
+
         def load_config(self) -> None:
             self.cfg.set("bind", f"{settings.host}:{settings.port}")
             self.cfg.set("workers", settings.workers)
             self.cfg.set("threads", settings.threads)
-            self.cfg.set("worker_class", "gthread")
+            # gthread, with requests read by the event loop before a thread takes them (slow clients, see there).
+            self.cfg.set("worker_class", "trainingmgr.http_worker.RequestBufferingWorker")
             self.cfg.set("timeout", 120)
             self.cfg.set("graceful_timeout", GRACEFUL_TIMEOUT)
             self.cfg.set("accesslog", None)  # the app logs each request as JSON

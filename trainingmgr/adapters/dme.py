@@ -8,6 +8,7 @@ import requests
 
 from ..models.feature_group import split_names
 from .base import AdapterError
+from .outbound import OutboundDenied, OutboundPolicy, guarded_session
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +35,24 @@ def info_job_body(fg: Any, topic: str, bootstrap_servers: str) -> dict[str, Any]
 
 
 class DmeClient:
-    def __init__(self, *, topic: str, bootstrap_servers: str, timeout: float):
+    def __init__(self, *, topic: str, bootstrap_servers: str, timeout: float, outbound: OutboundPolicy):
         self.topic = topic
         self.bootstrap_servers = bootstrap_servers
         self.timeout = timeout
-        self.http = requests.Session()
-        self.http.trust_env = False  # the DME is inside the cluster: no proxy from the environment
+        # The DME's host is the feature group's, a client's choice: connections go only where the outbound policy
+        # allows, with no proxy from the environment (the DME is inside the cluster).
+        self.http = guarded_session(outbound)
 
     @staticmethod
     def url(fg: Any) -> str:
-        return f"http://{fg.host}:{fg.dme_port}/data-consumer/v1/info-jobs/{fg.name}"
+        host = f"[{fg.host}]" if ":" in fg.host else fg.host  # an IPv6 literal; the service checked the host
+        return f"http://{host}:{int(fg.dme_port)}/data-consumer/v1/info-jobs/{fg.name}"
 
     def _call(self, method: str, fg: Any, ok: tuple[int, ...], **kwargs: Any) -> int:
         try:
             response = self.http.request(method, self.url(fg), timeout=self.timeout, allow_redirects=False, **kwargs)
+        except OutboundDenied as e:
+            raise AdapterError(f"DME at {fg.host}:{fg.dme_port}: {e}", retryable=False) from None
         except requests.RequestException as e:
             raise AdapterError(f"DME at {fg.host}:{fg.dme_port} unreachable: {e.__class__.__name__}",
                                retryable=True) from None

@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .base import AdapterError, DataExtractor, ExtractionRequest, ExtractionStatus
-from .query_filter import MAX_FILTER_LENGTH, CompiledFilter, FilterError, compile_filter
+from .outbound import OutboundPolicy
+from .query_filter import CompiledFilter, FilterError, compile_filter, parse_filter
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +85,6 @@ _READERS: dict[str, type[_TableReader]] = {"CsvSource": _CsvReader, "ParquetSour
 INFLUX_SOURCE = "InfluxSource"
 
 
-def compile_filter_for_unknown_columns(text: str | None) -> CompiledFilter:
-    """The filter compiled before the source's columns are known (an InfluxDB measurement's columns only show with
-    its rows): syntax and refused constructs are checked now, the column names once the rows have been read."""
-    if not isinstance(text, str) or not text.strip() or len(text) > MAX_FILTER_LENGTH:
-        return compile_filter(text, ())  # empty, not text or too long: compile_filter says so
-    from .query_filter import _Parser, _tokenize  # the filter's column names; no public function gives them yet
-
-    parser = _Parser(_tokenize(text))
-    parser.parse()
-    return compile_filter(text, parser.columns)
-
-
 def _read_error(measurement: str, error: Exception) -> AdapterError:
     """Sort a reading failure into bad input (the file is wrong: do not retry) or a transient I/O failure."""
     if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
@@ -119,6 +108,7 @@ class EmbeddedExtractor(DataExtractor):
         source_roots: Sequence[Path],
         dataset_dir: Path,
         *,
+        outbound: OutboundPolicy,
         chunk_rows: int = 100_000,
         influx_timeout: float = 30.0,
     ):
@@ -126,6 +116,7 @@ class EmbeddedExtractor(DataExtractor):
         self.dataset_dir = Path(dataset_dir)
         self.chunk_rows = max(1, chunk_rows)
         self.influx_timeout = float(influx_timeout)
+        self.outbound = outbound
 
     # ------------------------------------------------------------------ DataExtractor
     def start(self, request: ExtractionRequest) -> ExtractionStatus:
@@ -159,7 +150,7 @@ class EmbeddedExtractor(DataExtractor):
         """Stream the measurement's needed columns from InfluxDB, filter and write them like a file source."""
         measurement = str(request.source.get("measurement") or "").strip()
         try:
-            row_filter = compile_filter_for_unknown_columns(request.query_filter)
+            row_filter = parse_filter(request.query_filter)
         except FilterError as e:
             raise _bad(f"query_filter: {e}") from e
         needed = features + sorted(c for c in row_filter.columns if c not in features)
@@ -176,7 +167,8 @@ class EmbeddedExtractor(DataExtractor):
             raise _bad(f"InfluxSource needs the influxdb-client package ({e.name or e})") from e
 
         try:
-            yield from read_influx(request.source, needed, timeout=self.influx_timeout, chunk_rows=self.chunk_rows)
+            yield from read_influx(request.source, needed, timeout=self.influx_timeout, outbound=self.outbound,
+                                   chunk_rows=self.chunk_rows)
         except MissingColumns as e:  # raised after the last chunk, before the dataset is moved in place
             absent = [c for c in e.missing if c in features]
             if absent:

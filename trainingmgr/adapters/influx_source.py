@@ -34,6 +34,7 @@ from influxdb_client.client.flux_csv_parser import FluxCsvParserException, FluxQ
 from influxdb_client.rest import ApiException
 
 from .base import AdapterError
+from .outbound import OutboundDenied, OutboundPolicy, guard_pool_manager
 
 FLUX_QUERY = (
     "from(bucket: tm_bucket)\n"
@@ -96,6 +97,8 @@ def _why_unreachable(error: Exception) -> str:
 
 def _error(where: str, error: Exception) -> AdapterError:
     """Sort an influxdb-client failure into retryable (the server or the network) or not (our request)."""
+    if isinstance(error, OutboundDenied):
+        return _bad(f"InfluxDB at {where} may not be called: {error.rule} (TM_OUTBOUND_ALLOW changes this)")
     if isinstance(error, ApiException):
         status = error.status or 0
         message = str(getattr(error, "message", "") or error.reason or "")[:300]
@@ -132,7 +135,8 @@ def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
 
 
 def read_influx(
-    source: Mapping[str, Any], columns: Sequence[str], *, timeout: float, chunk_rows: int = 100_000
+    source: Mapping[str, Any], columns: Sequence[str], *, timeout: float, outbound: OutboundPolicy,
+    chunk_rows: int = 100_000,
 ) -> Iterator[pd.DataFrame]:
     """The rows of the feature group's measurement, `columns` only (in that order), in chunks of `chunk_rows`.
 
@@ -156,6 +160,8 @@ def read_influx(
     timeout_ms = max(1, int(timeout * 1000))
 
     client = InfluxDBClient(url=url, token=str(source.get("token") or ""), org=org or None, timeout=timeout_ms)
+    # The host is a client's choice: the token goes only to an address the outbound policy allows when connecting.
+    guard_pool_manager(client.api_client.rest_client.pool_manager, outbound)
     stream = None
     try:
         try:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import requests
 
 from .base import Notifier
+from .outbound import OutboundDenied, OutboundPolicy, guarded_session
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,16 @@ def sign(key: str, body: bytes) -> str:
 
 
 class HttpNotifier(Notifier):
-    def __init__(self, timeout: float, hmac_key: str = ""):
+    def __init__(self, timeout: float, hmac_key: str = "", *, outbound: OutboundPolicy):
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.timeout = float(timeout)
         self._hmac_key = hmac_key
         # One session per notifier keeps connections alive between notifications; requests' pool is thread-safe
         # for independent POSTs. Redirects are never followed (allow_redirects=False below): a 3xx is "not
-        # delivered", and the body never goes to a host the job's owner did not name.
-        self._session = requests.Session()
-        self._session.max_redirects = 0
+        # delivered", and the body never goes to a host the job's owner did not name. Connections go only where
+        # the outbound policy allows, checked against the addresses the name resolves to when connecting.
+        self._session = guarded_session(outbound)
 
     def send(self, url: str, body: Any, delivery_id: str) -> bool:
         parts = urlsplit(url) if isinstance(url, str) else None
@@ -80,6 +81,10 @@ class HttpNotifier(Notifier):
                 stream=True,
             ) as response:
                 status = response.status_code
+        except OutboundDenied as e:
+            log.warning("notification to %s not sent: %s", host, e.rule,
+                        extra={"host": host, "delivery_id": delivery_id})
+            return False
         except (requests.RequestException, ValueError, OSError) as e:
             log.warning(
                 "notification to %s not delivered: %s",

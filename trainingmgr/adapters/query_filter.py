@@ -40,10 +40,13 @@ import difflib
 import operator
 import re
 from dataclasses import dataclass
-from typing import Callable, Collection, Union
+from typing import TYPE_CHECKING, Callable, Collection, Union
 
-import pandas as pd
-from pandas.api import types as ptypes
+if TYPE_CHECKING:
+    import pandas as pd
+
+# pandas is imported where a filter is applied, not here: the API checks a filter's syntax when a job is created
+# (parse_filter), and a web process has no other use for pandas.
 
 MAX_FILTER_LENGTH = 4096
 MAX_DEPTH = 32  # parentheses and NOTs inside each other: bounds the parser's recursion
@@ -421,6 +424,9 @@ class _Parser:
 
 # ----------------------------------------------------------------------------------------------- evaluation
 def _series_kind(series: pd.Series) -> str:
+    import pandas as pd
+    from pandas.api import types as ptypes
+
     dtype = series.dtype
     if ptypes.is_bool_dtype(dtype):
         return "bool"
@@ -454,6 +460,8 @@ def _check_kind(series: pd.Series, column: str, value: Literal) -> None:
 
 
 def _as_mask(result: object, index: pd.Index) -> pd.Series:
+    import pandas as pd
+
     series = result if isinstance(result, pd.Series) else pd.Series(result, index=index)
     return series.fillna(False).astype(bool)
 
@@ -498,6 +506,8 @@ class CompiledFilter:
 
     def __call__(self, frame: pd.DataFrame) -> pd.Series:
         if self.tree is None:
+            import pandas as pd
+
             return pd.Series(True, index=frame.index, dtype=bool)
         return _evaluate(self.tree, frame)
 
@@ -530,3 +540,14 @@ def compile_filter(text: str | None, columns: Collection[str]) -> CompiledFilter
         message += f"; the source has: {', '.join(listed[:20])}{more}"
         raise FilterError(message)
     return CompiledFilter(text, tree, frozenset(parser.columns))
+
+
+def parse_filter(text: str | None) -> CompiledFilter:
+    """The filter parsed before the source's columns are known (when a job is created; an InfluxDB measurement's
+    columns only show with its rows): syntax and refused constructs are checked now, the column names once the rows
+    have been read. FilterError says what is wrong."""
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_FILTER_LENGTH:
+        return compile_filter(text, ())  # empty, not text or too long: compile_filter says so
+    parser = _Parser(_tokenize(text))
+    parser.parse()
+    return compile_filter(text, parser.columns)

@@ -38,6 +38,7 @@ from urllib3.util.retry import Retry
 
 from .base import AdapterError, DataExtractor, ExtractionRequest, ExtractionStatus
 from .extraction import check_featurepath
+from .outbound import OutboundDenied, OutboundPolicy, parse_port
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ class RemoteExtractor(DataExtractor):
     earlier start reached it although its answer was lost), it is not posted a second time.
     """
 
-    def __init__(self, url: str, *, timeout: float, connect_retries: int = 1, unknown_task_limit: int = 3):
+    def __init__(self, url: str, *, timeout: float, outbound: OutboundPolicy, connect_retries: int = 1,
+                 unknown_task_limit: int = 3):
         parts = urlsplit(url or "")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"the data-extraction URL must be an http(s) URL, not {url!r}")
@@ -149,6 +151,7 @@ class RemoteExtractor(DataExtractor):
         self.url = url.rstrip("/")
         self.timeout = float(timeout)
         self.unknown_task_limit = max(1, unknown_task_limit)
+        self.outbound = outbound
         retry = Retry(
             total=connect_retries, connect=connect_retries, read=False, status=0, other=0, redirect=0,
             backoff_factor=0, raise_on_status=False, raise_on_redirect=False,
@@ -162,6 +165,7 @@ class RemoteExtractor(DataExtractor):
     # ------------------------------------------------------------------ DataExtractor
     def start(self, request: ExtractionRequest) -> ExtractionStatus:
         check_featurepath(request.featurepath)
+        self._check_source(request)
         body = start_body(request)
         current = self._task_status(self._call("GET", self._status_path(request.featurepath)))
         if current in RUNNING_STATES:
@@ -174,6 +178,22 @@ class RemoteExtractor(DataExtractor):
             log.info("extraction started", extra={"trainingjob_id": request.trainingjob_id})
             return ExtractionStatus("IN_PROGRESS")
         raise self._error("starting the extraction", answer)
+
+    def _check_source(self, request: ExtractionRequest) -> None:
+        """The data-extraction service connects to the feature group's InfluxDB with its token: the host must be one
+        the outbound policy lets a client name, and resolve (here, now) only to addresses it allows."""
+        if request.datalake_source != "InfluxSource":
+            return
+        host, port = _text(request.source.get("host")), _text(request.source.get("port"))
+        try:
+            self.outbound.resolve(host, parse_port(port))
+        except OutboundDenied as e:
+            raise AdapterError(f"InfluxDB at {host}:{port} may not be called: {e.rule} (TM_OUTBOUND_ALLOW changes "
+                               "this)", retryable=False) from None
+        except ValueError as e:
+            raise AdapterError(f"InfluxDB at {host}:{port}: {e}", retryable=False) from None
+        except OSError:
+            pass  # a name that does not resolve here may resolve where the service runs: it reports that itself
 
     def status(self, request: ExtractionRequest) -> ExtractionStatus:
         check_featurepath(request.featurepath)

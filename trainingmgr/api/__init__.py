@@ -4,8 +4,10 @@ from __future__ import annotations
 from flask import Flask
 
 from . import docs, feature_groups, health, models, notifications, pipelines, training_jobs
+from .common import refuse_control_characters
 
 
 def register_blueprints(app: Flask) -> None:
+    app.before_request(refuse_control_characters)
     for module in (health, docs, feature_groups, pipelines, training_jobs, notifications, models):
         app.register_blueprint(module.bp)

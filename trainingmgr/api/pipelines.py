@@ -17,6 +17,14 @@ from .common import services
 bp = Blueprint("pipelines", __name__)
 
 
+@bp.url_value_preprocessor
+def _upload_errors_carry_result(endpoint: str | None, values: dict[str, Any] | None) -> None:
+    # The reference's upload clients read errors from `result`: every error of the upload route carries it, also
+    # those raised before the view runs (the app's before_request checks). URL value preprocessors run first.
+    if endpoint == "pipelines.upload_pipeline":
+        g.problem_result_key = True
+
+
 def _iso(moment: datetime) -> str:
     return moment.isoformat().replace("+00:00", "Z")  # UTC: every timestamp column gives it back so
 
@@ -32,8 +40,6 @@ def _pipeline_view(pipeline: Pipeline) -> dict[str, Any]:
 
 @bp.post("/pipelines/<pipe_name>/upload")
 def upload_pipeline(pipe_name: str):
-    # The reference's upload clients read errors from `result`: every error of this route carries it.
-    g.problem_result_key = True
     if request.mimetype != "multipart/form-data":
         raise BadRequest(
             "Send the compiled pipeline as multipart/form-data in the field 'file', "

@@ -1,7 +1,8 @@
 """Training-job routes (R1AP style) and the older `/trainingjobs/{name}/{version}`."""
 from __future__ import annotations
 
-from flask import Blueprint, request, url_for
+from flask import Blueprint, current_app, request, url_for
+from werkzeug.routing import BaseConverter
 
 from ..errors import BadRequest, NotFound
 from ..schemas.training_job import ModelTrainingRequestSchema, dump_training_job
@@ -11,6 +12,19 @@ from ..services.training_jobs import DEFAULT_EXPERIMENT
 from .common import json_body, load, next_link, services
 
 bp = Blueprint("training_jobs", __name__)
+
+
+class _ModelNameConverter(BaseConverter):
+    """The model name of `/training-jobs/<model_name>/<model_version>`: any segment but the metrics routes' words,
+    which always name those routes (`GET .../update-model-metrics/7` is a 405 there, not the jobs of a model
+    "update-model-metrics"), as a last segment `status` always names the status route."""
+
+    regex = r"(?!(?:get|update)-model-metrics$)[^/]+"
+    part_isolating = True  # matched against its own segment, where "$" is the segment's end
+
+
+# Recorded before the routes below, so the converter exists when they are added.
+bp.record_once(lambda state: state.app.url_map.converters.setdefault("modelname", _ModelNameConverter))
 
 V1 = "/ai-ml-model-training/v1/training-jobs"
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
@@ -55,15 +69,24 @@ def delete_training_job(training_job_id: int):
     if delete_model not in ("true", "false"):
         raise BadRequest("delete_model must be true or false")
     services().training_jobs().delete(training_job_id, delete_model=delete_model == "true")
-    return "", 204
+    response = current_app.response_class(status=204)
+    del response.headers["Content-Type"]  # no body, so no type (Flask would name text/html)
+    return response
 
 
-@bp.get(f"{V1}/<int:training_job_id>/status")
-def get_training_job_status(training_job_id: int):
-    return lc.ordered(services().training_jobs().get(training_job_id).steps_state)
+@bp.get(f"{V1}/<training_job_id>/status")
+def get_training_job_status(training_job_id: str):
+    # A string, not <int:>: with <int:>, "abc/status" fell through to the model-list route (model "abc", version
+    # "status") and answered 200 []. A last segment "status" is always this route; its id must be an integer.
+    if not (training_job_id.isascii() and training_job_id.isdigit()):
+        raise BadRequest(f"Invalid training job id {training_job_id!r}: a positive integer")
+    digits = training_job_id.lstrip("0") or "0"
+    if len(digits) > 19:  # more than any id (and int() refuses more than 4300 digits)
+        raise NotFound(f"Training job {training_job_id} does not exist")
+    return lc.ordered(services().training_jobs().get(int(digits)).steps_state)
 
 
-@bp.get(f"{V1}/<model_name>/<model_version>")
+@bp.get(f"{V1}/<modelname:model_name>/<model_version>")
 def list_training_jobs_of_model(model_name: str, model_version: str):
     page_req = _page()
     page = services().training_jobs().list(page_req, modelname=model_name, modelversion=model_version)
@@ -85,6 +108,9 @@ def get_model_metrics(trainingjob_id: str):
 @bp.post(f"{V1}/update-model-metrics/<trainingjob_id>")
 def update_model_metrics(trainingjob_id: str):
     job_id = _job_id(trainingjob_id)
+    # Metrics are small: a body over TM_MAX_METRICS_BYTES is refused (413) before it is read, or while it is read
+    # when its length is not announced, so anonymous 15 MB bodies are neither stored nor echoed.
+    request.max_content_length = services().settings.max_metrics_bytes
     metrics = services().training_jobs().update_metrics(job_id, json_body())
     return {"result": f"Model metrics of training job {job_id} saved", "metrics": metrics}
 

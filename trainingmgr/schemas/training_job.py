@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, pre_load, validate, validates
 
+from ..adapters.query_filter import FilterError, parse_filter
 from ..services.lifecycle import ordered
 
 # \Z, not $ ("$" also matches before a trailing newline: "qoe\n" would pass); [0-9], not \d (which takes any
@@ -81,13 +82,22 @@ class ArgumentsField(fields.Field):
         return out
 
 
+def _validate_filter(text: str) -> None:
+    """The filter's syntax, checked when the job is created rather than when its data is extracted; the column names
+    are checked against the source's at extraction (an InfluxDB measurement shows its columns only with its rows)."""
+    try:
+        parse_filter(text)
+    except FilterError as e:
+        raise ValidationError(f"Invalid filter: {e}") from None
+
+
 class DataPipelineSchema(Schema):
     class Meta:
         unknown = RAISE
 
     # May be "" when a Model Management Service resolves it from the model's inputDataType.
     feature_group_name = fields.String(required=True, validate=validate.Length(max=63))
-    query_filter = fields.String(required=True, validate=_TEXT)
+    query_filter = fields.String(required=True, validate=[_TEXT, _validate_filter])
     arguments = ArgumentsField(required=True)
 
 

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..adapters.base import AdapterError
+from ..adapters.outbound import OutboundDenied, OutboundPolicy
 from ..errors import BadGateway, BadRequest, Conflict, NotFound, ValidationFailed
 from ..models import FeatureGroup, TrainingJob
 from ..schemas.feature_group import SOURCE_FIELDS
@@ -41,10 +42,11 @@ class FeatureGroupService:
     """Feature groups with enable_dme have a DME information job; the row and the job are kept consistent: the
     database change is flushed first, the DME is called, and the transaction commits only when the DME agreed."""
 
-    def __init__(self, session: Session, cipher: TokenCipher, dme: Any):
+    def __init__(self, session: Session, cipher: TokenCipher, dme: Any, outbound: OutboundPolicy):
         self.session = session
         self.cipher = cipher
         self.dme = dme
+        self.outbound = outbound
 
     def _find(self, name: str) -> FeatureGroup | None:
         return self.session.scalar(select(FeatureGroup).where(FeatureGroup.name == name))
@@ -174,7 +176,11 @@ class FeatureGroupService:
             call(fg)
         except AdapterError as e:
             self.session.rollback()
-            raise BadGateway(f"The DME information job of {fg.name!r} could not be {done} ({e}): {undone}") from None
+            # The client learns that the DME failed, not how: its answer (a status, an error page, a timeout) would
+            # tell which ports of an internal host are open. The log has the detail.
+            log.warning("DME call failed: %s", e, extra={"featuregroup": fg.name})
+            raise BadGateway(f"The DME information job of {fg.name!r} could not be {done}: {undone}; the service "
+                             "log says why") from None
 
     @staticmethod
     def _compensate(call: Any, fg: FeatureGroup) -> None:
@@ -183,12 +189,27 @@ class FeatureGroupService:
         except AdapterError:
             log.error("DME and database disagree; fix by hand", extra={"featuregroup": fg.name})
 
+    def _check_destination(self, data: dict[str, Any]) -> str:
+        """The host the service will connect to for this feature group (InfluxDB, the DME), normalised, if the
+        outbound policy lets a client name it; a 400 naming the field and the rule otherwise."""
+        host = data["host"]
+        if not host:
+            return host
+        try:
+            return self.outbound.check_host(host, "host")
+        except OutboundDenied as e:
+            raise ValidationFailed({"host": [f"{host!r} is not allowed: {e.rule} (TM_OUTBOUND_ALLOW changes this)"]})
+        except ValueError as e:
+            raise ValidationFailed({"host": [str(e)]}) from None
+
     def _assign(self, fg: FeatureGroup, data: dict[str, Any], *, keep_token: bool) -> None:
         unused = SOURCE_FIELDS[data["datalake_source"]]["unused"]
         if unused:
             # A source that does not read them keeps none of them (nor a secret it would never use).
             data = {**data, **dict.fromkeys(unused, "")}
             keep_token = False
+        if data["host"] or data["enable_dme"]:
+            data = {**data, "host": self._check_destination(data)}
         fg.feature_list = data["feature_list"]
         fg.datalake_source = data["datalake_source"]
         fg.host = data["host"]

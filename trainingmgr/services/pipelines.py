@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from ..adapters.base import AdapterError
 from ..adapters.pipeline_files import yaml_documents
-from ..errors import BadRequest, Conflict, NotFound, ServiceUnavailable
+from ..errors import BadRequest, Conflict, NotFound, ServiceUnavailable, database_unavailable
 from ..models import Experiment, Pipeline, PipelineVersion
 from ..models.base import utcnow
 
@@ -136,6 +136,8 @@ class PipelineService:
             try:
                 return self._store_version(name, content, description, sha256, version_name)
             except (IntegrityError, OperationalError) as e:
+                if database_unavailable(e):
+                    raise  # an outage, not a race: answered as one (503, see errors.py)
                 # Another upload created the same pipeline first (or SQLite was busy): the next try sees it.
                 self.session.rollback()
                 if attempt == UPLOAD_ATTEMPTS:

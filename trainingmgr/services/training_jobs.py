@@ -9,8 +9,9 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from ..config import Settings
 from ..adapters.base import AdapterError
+from ..adapters.outbound import OutboundDenied, OutboundPolicy
+from ..config import Settings
 from ..errors import BadGateway, BadRequest, NotFound, ValidationFailed
 from ..models import FeatureGroup, Model, TrainingJob
 from ..models.feature_group import split_names
@@ -49,6 +50,7 @@ class Adapters(Protocol):
     extractor: "DataExtractor"
     object_store: "ObjectStore"
     mme: "MmeClient | None"  # the Model Management Service, when one is configured
+    outbound: "OutboundPolicy"  # where clients may make the service connect
 
 
 class TrainingJobService:
@@ -61,9 +63,21 @@ class TrainingJobService:
         self.queue = WorkQueue(session)
 
     # ------------------------------------------------------------------------------------------ create
+    def _check_notification_url(self, url: str) -> None:
+        """The rApp's URL must be one the outbound policy lets a client name (checked again when connecting)."""
+        try:
+            self.adapters.outbound.check_url(url, "notification_url host")
+        except OutboundDenied as e:
+            raise ValidationFailed({"notification_url": [
+                f"{e.target} is not allowed: {e.rule} (TM_OUTBOUND_ALLOW changes this)"]}) from None
+        except ValueError as e:
+            raise ValidationFailed({"notification_url": [str(e)]}) from None
+
     def create(self, data: dict[str, Any], *, config_as_sent: dict[str, Any] | None = None) -> TrainingJob:
         """`data` as the schema loaded it; `config_as_sent`: the client's training_config, kept to answer it back
         with the client's own spellings."""
+        if data["notification_url"]:
+            self._check_notification_url(data["notification_url"])
         config = data["training_config"]
         data_pipeline = config["dataPipeline"]
         training_pipeline = config["trainingPipeline"]

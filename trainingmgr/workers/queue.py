@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import delete, exists, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from ..models import WorkItem
 from ..models.base import utcnow
@@ -67,14 +67,18 @@ class WorkQueue:
         return item
 
     def claim(self, owner: str, lease_seconds: float, kinds: tuple[str, ...] = KINDS) -> Claim | None:
+        """The next due item of one of `kinds` that no live lease holds. A job's notifications go out in order:
+        only its oldest pending one can be claimed (a later one waits while an earlier one is held or retried)."""
         now = utcnow()
+        conditions = [WorkItem.due_at <= now, WorkItem.kind.in_(kinds),
+                      or_(WorkItem.lease_until.is_(None), WorkItem.lease_until < now)]
+        if NOTIFY in kinds:
+            earlier = aliased(WorkItem)
+            conditions.append(or_(WorkItem.kind != NOTIFY, ~exists().where(
+                earlier.job_id == WorkItem.job_id, earlier.kind == NOTIFY, earlier.id < WorkItem.id)))
         candidate = (
             select(WorkItem.id)
-            .where(
-                WorkItem.due_at <= now,
-                WorkItem.kind.in_(kinds),
-                or_(WorkItem.lease_until.is_(None), WorkItem.lease_until < now),
-            )
+            .where(*conditions)
             .order_by(WorkItem.due_at, WorkItem.id)
             .limit(1)
             .with_for_update(skip_locked=True)

@@ -2,6 +2,12 @@
 
 By default they run inside each server process (TM_EMBEDDED_WORKER); `trainingmgr worker` runs them as a process of
 their own. State lives in the database, so any number of workers may run against one database.
+
+Two pools: step threads (TM_WORKER_THREADS) claim every kind but notifications; notification threads
+(TM_NOTIFY_THREADS) claim only those, so rApp receivers that hang hold notification threads, never a job's steps.
+
+While the database is unreachable every thread backs off on its own (0.5 s doubling to 30 s) and the outage is
+logged once per process: a WARNING when it starts, at most one a minute while it lasts, an INFO when it is over.
 """
 from __future__ import annotations
 
@@ -15,22 +21,70 @@ from typing import Any
 from flask import Flask
 from sqlalchemy import exists, select
 
+from ..errors import database_unavailable, describe_database_error
 from ..extensions import db
 from ..models import TrainingJob, WorkItem
 from ..services import lifecycle as lc
 from ..services.transitions import JobTransitions
-from .queue import NOTIFY, WATCH_RUN, LeaseLost, WorkQueue
+from .queue import KINDS, NOTIFY, WATCH_RUN, LeaseLost, WorkQueue
 from .steps import StepExecutor, job_id_of_run
 
 log = logging.getLogger(__name__)
 
+STEP_KINDS = tuple(kind for kind in KINDS if kind != NOTIFY)
+NOTIFY_KINDS = (NOTIFY,)
+OUTAGE_FIRST_DELAY = 0.5  # seconds a thread waits after its first failure to reach the database
+OUTAGE_MAX_DELAY = 30.0  # ... doubling up to this
+OUTAGE_LOG_INTERVAL = 60.0  # at most one "still unreachable" line per this many seconds
+
+
+def next_outage_delay(delay: float) -> float:
+    return min(OUTAGE_MAX_DELAY, delay * 2) if delay else OUTAGE_FIRST_DELAY
+
+
+class DatabaseOutage:
+    """What this process's worker threads know of the database: reachable, or away since when. They report each
+    failure and each success; the log hears of an outage once per OUTAGE_LOG_INTERVAL, not once per poll."""
+
+    def __init__(self, clock: Any = time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.since: float | None = None  # clock() when the outage began; None while the database answers
+        self._logged_at = 0.0
+        self._failures = 0
+
+    def failed(self, error: BaseException, retry_in: float) -> None:
+        with self._lock:
+            now = self._clock()
+            self._failures += 1
+            if self.since is None:
+                self.since, self._logged_at, self._failures = now, now, 1
+                log.warning("database unreachable, retrying in %s s", f"{retry_in:g}",
+                            extra={"error": describe_database_error(error)})
+            elif now - self._logged_at >= OUTAGE_LOG_INTERVAL:
+                self._logged_at = now
+                log.warning("database still unreachable after %.0f s, retrying in %s s", now - self.since,
+                            f"{retry_in:g}", extra={"error": describe_database_error(error),
+                                                    "failed_attempts": self._failures})
+
+    def succeeded(self) -> None:
+        if self.since is None:  # the usual case: no lock
+            return
+        with self._lock:
+            if self.since is not None:
+                log.info("database reachable again after %.1f s", self._clock() - self.since,
+                         extra={"failed_attempts": self._failures})
+                self.since = None
+
 
 class Worker:
-    def __init__(self, app: Flask, *, threads: int | None = None, name: str | None = None):
+    def __init__(self, app: Flask, *, threads: int | None = None, notify_threads: int | None = None,
+                 name: str | None = None):
         self.app = app
         self.container: Any = app.extensions["trainingmgr"]
         settings = self.container.settings
         self.threads = threads or settings.worker_threads
+        self.notify_threads = notify_threads or settings.notify_threads
         self.poll = settings.worker_poll_seconds
         self.lease = settings.lease_seconds
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
@@ -39,6 +93,7 @@ class Worker:
         self._held: dict[str, int] = {}  # owner -> work item id held right now
         self._held_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self.outage = DatabaseOutage()
 
     # ------------------------------------------------------------------------------------ life
     def start(self) -> "Worker":
@@ -47,14 +102,17 @@ class Worker:
             getattr(self.container, adapter)
         self.container.engine.listen_for_run_ends(self.run_ended)
         self.recover()
-        for i in range(self.threads):
-            t = threading.Thread(target=self._loop, args=(f"{self.name}:{i}",), name=f"tm-worker-{i}", daemon=True)
+        loops = [(f"{self.name}:{i}", f"tm-worker-{i}", STEP_KINDS) for i in range(self.threads)]
+        loops += [(f"{self.name}:n{i}", f"tm-notify-{i}", NOTIFY_KINDS) for i in range(self.notify_threads)]
+        for owner, thread_name, kinds in loops:
+            t = threading.Thread(target=self._loop, args=(owner, kinds), name=thread_name, daemon=True)
             t.start()
             self._threads.append(t)
         hb = threading.Thread(target=self._heartbeat, name="tm-worker-heartbeat", daemon=True)
         hb.start()
         self._threads.append(hb)
-        log.info("worker started", extra={"worker": self.name, "threads": self.threads})
+        log.info("worker started", extra={"worker": self.name, "threads": self.threads,
+                                          "notify_threads": self.notify_threads})
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -76,15 +134,20 @@ class Worker:
                 if job_id is not None:
                     WorkQueue(db.session).make_due(job_id, WATCH_RUN)
                     db.session.commit()
-            except Exception:  # the regular look still finds it
-                db.session.rollback()
-                log.exception("could not hurry the watch of an ended run", extra={"run_id": run_id})
+            except Exception as e:  # the regular look still finds it
+                _rollback_quietly()
+                if database_unavailable(e):
+                    log.warning("could not hurry the watch of an ended run: database unavailable",
+                                extra={"run_id": run_id, "error": describe_database_error(e)})
+                else:
+                    log.exception("could not hurry the watch of an ended run", extra={"run_id": run_id})
             finally:
                 db.session.remove()
         self.wake()
 
     def recover(self) -> int:
-        """Fail jobs left unfinished with no work to move them on (only possible after lost data), once at start."""
+        """Fail jobs left unfinished with no work to move them on (only possible after lost data), once at start.
+        A database that is away at start skips it (a warning): the threads then wait for the database."""
         with self.app.app_context():
             try:
                 pending = exists().where(WorkItem.job_id == TrainingJob.id, WorkItem.kind != NOTIFY)
@@ -96,27 +159,46 @@ class Worker:
                     transitions.fail(job, "the job's pending work was lost (service restart); start a new training")
                 db.session.commit()
                 return len(stuck)
+            except Exception as e:
+                if not database_unavailable(e):
+                    raise
+                _rollback_quietly()
+                log.warning("database unreachable at start: the check for jobs whose work was lost is skipped",
+                            extra={"error": describe_database_error(e)})
+                return 0
             finally:
                 db.session.remove()
 
     # ------------------------------------------------------------------------------------ loops
-    def _loop(self, owner: str) -> None:
+    def _loop(self, owner: str, kinds: tuple[str, ...] = STEP_KINDS) -> None:
+        outage_delay = 0.0  # this thread's backoff while the database is away (0: it answers)
         while not self._stop.is_set():
             worked = False
             with self.app.app_context():
                 try:
-                    worked = self._one(owner)
-                except Exception:  # one bad item must not kill the thread; it comes back when its lease ends
-                    log.exception("work item failed", extra={"worker": owner})
-                    db.session.rollback()
+                    worked = self._one(owner, kinds)
+                    outage_delay = 0.0
+                    self.outage.succeeded()
+                except Exception as e:  # one bad item must not kill the thread; it comes back when its lease ends
+                    _rollback_quietly()
+                    if database_unavailable(e):
+                        outage_delay = next_outage_delay(outage_delay)
+                        self.outage.failed(e, outage_delay)
+                    else:
+                        outage_delay = 0.0
+                        log.exception("work item failed", extra={"worker": owner})
                 finally:
-                    db.session.remove()
-            if not worked:
+                    _remove_quietly()
+            if outage_delay:
+                # New work queued by this process (wake) means the database answered it: look again at once.
+                self._wake.wait(outage_delay)
+                self._wake.clear()
+            elif not worked:
                 self._wake.wait(self.poll)
                 self._wake.clear()
 
-    def _one(self, owner: str) -> bool:
-        claim = WorkQueue(db.session).claim(owner, self.lease)
+    def _one(self, owner: str, kinds: tuple[str, ...] = STEP_KINDS) -> bool:
+        claim = WorkQueue(db.session).claim(owner, self.lease, kinds)
         if claim is None:
             return False
         with self._held_lock:
@@ -147,7 +229,27 @@ class Worker:
                     queue = WorkQueue(db.session)
                     for owner, item_id in held.items():
                         queue.extend([item_id], owner, self.lease)
-                except Exception:
-                    log.exception("lease heartbeat failed")
+                    self.outage.succeeded()
+                except Exception as e:
+                    _rollback_quietly()
+                    if database_unavailable(e):
+                        self.outage.failed(e, self.lease / 3)
+                    else:
+                        log.exception("lease heartbeat failed")
                 finally:
-                    db.session.remove()
+                    _remove_quietly()
+
+
+def _rollback_quietly() -> None:
+    """Roll the session back; on a connection that is gone that may fail too, and that says nothing new."""
+    try:
+        db.session.rollback()
+    except Exception:  # noqa: BLE001 - the error that brought us here is the one handled
+        pass
+
+
+def _remove_quietly() -> None:
+    try:
+        db.session.remove()
+    except Exception:  # noqa: BLE001 - as above
+        pass

@@ -102,9 +102,20 @@ class StepExecutor:
 
     def _fail(self, claim: Claim, job: TrainingJob, reason: str) -> None:
         reason = self._redacted(job, reason)
-        self.transitions.fail(job, reason)
+        failed = self.transitions.fail(job, reason)
         self.queue.finish(claim)
         self.session.commit()
+        if failed:
+            self._remove_files(job)
+
+    def _remove_files(self, job: TrainingJob) -> None:
+        """A failed job keeps its record, not its files: the run's folder and its dataset go (as on delete)."""
+        try:
+            if job.run_id:
+                self.container.engine.cleanup(job.run_id)
+            self.container.extractor.remove(featurepath(job))
+        except (AdapterError, OSError) as e:
+            log.warning("files of a failed job not removed", extra={"trainingjob_id": job.id, "error": str(e)})
 
     def _drop(self, claim: Claim) -> None:
         self.queue.finish(claim)
@@ -359,6 +370,7 @@ class StepExecutor:
             # Notifications of one job go out in order: wait for the one before.
             return self._later(claim, 0.05, count_attempt=False)
         payload = claim.payload
+        self.session.commit()  # no transaction (on SQLite: no write lock) held while the receiver takes its time
         delivered = self.container.notifier.send(payload["url"], payload["body"], payload["delivery_id"])
         if delivered or claim.attempts >= self.settings.notify_attempts:
             if not delivered:
