@@ -209,16 +209,32 @@ def test_duplicate_and_late_callbacks_change_nothing(setup, worker):
     assert after["steps_state"] == done["steps_state"] and after["status"] == "FINISHED"
 
 
-def test_pipeline_failure_callback_during_a_run_fails_the_job(setup, worker, tmp_path):
+def test_a_failure_callback_is_a_wake_up_not_a_verdict(setup, worker, tmp_path):
+    # Before: an anonymous FAILED callback terminated a healthy run and failed its job.
     client = setup
     upload(client, "naps", slow_pipeline(tmp_path, seconds=20))
     job = client.post(JOBS, json=job_request("napper", pipeline="naps")).get_json()
     wait_for_step(client, job["id"], "TRAINING", "IN_PROGRESS")
-    response = client.post("/trainingjob/pipelineNotification",
-                           json={"trainingjob_id": job["id"], "run_status": "TERMINATED"})
-    assert response.status_code == 200
-    failed = client.get(f"{JOBS}/{job['id']}").get_json()
-    assert failed["status"] == "FAILED" and "TERMINATED" in failed["failure_reason"]
+    for status in ("TERMINATED", "FAILED"):
+        response = client.post("/trainingjob/pipelineNotification",
+                               json={"trainingjob_id": job["id"], "run_status": status})
+        assert response.status_code == 200
+    time.sleep(1.0)  # the watch step has looked at the engine by now (it was made due at once)
+    running = client.get(f"{JOBS}/{job['id']}").get_json()
+    assert running["status"] == "IN_PROGRESS" and running["steps_state"]["TRAINING"] == "IN_PROGRESS"
+    assert client.delete(f"{JOBS}/{job['id']}").status_code == 204
+
+
+def test_a_failed_job_leaves_no_files_behind(setup, worker, app, tmp_path):
+    # Before: the run's folder (and the extracted dataset) stayed after the job failed.
+    client = setup
+    upload(client, "explodes", failing_pipeline(tmp_path))
+    job = client.post(JOBS, json=job_request("bad_model", pipeline="explodes")).get_json()
+    done = wait_for(client, job["id"])
+    assert done["status"] == "FAILED" and done["run_id"]
+    data = Path(app.extensions["trainingmgr"].settings.data_path)
+    assert not (data / "runs" / done["run_id"]).exists()
+    assert list((data / "datasets").glob("*")) == []
 
 
 def test_delete_during_a_run_terminates_it_and_removes_the_job(setup, worker, tmp_path, app):

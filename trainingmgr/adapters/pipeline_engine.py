@@ -317,7 +317,10 @@ class LocalPipelineEngine(PipelineEngine):
                 self._wait_group(run_id, pid, 5.0)
             log.info("pipeline run terminated", extra={"run_id": run_id, "pid": pid})
         if not (run_dir / "result.json").exists():
-            _write_atomic(run_dir / "result.json", json.dumps({"state": "FAILED", "error": TERMINATED}))
+            try:
+                _write_atomic(run_dir / "result.json", json.dumps({"state": "FAILED", "error": TERMINATED}))
+            except FileNotFoundError:
+                pass  # its job failed meanwhile, and its folder went with it: the run is over either way
 
     def cleanup(self, run_id: str) -> None:
         """Remove the run's folder (terminating the run first if it still runs). A run already gone: nothing to do."""

@@ -288,17 +288,10 @@ class TrainingJobService:
         steps = lc.ordered(job.steps_state)
         if steps[lc.TRAINING] != lc.IN_PROGRESS:
             return f"Training job {job_id}: nothing to do (training is {steps[lc.TRAINING]})"
-        if state in lc.RUN_SUCCEEDED:
-            # The watch step checks with the engine and collects the model; bring it forward.
+        if state in lc.RUN_SUCCEEDED or state in lc.RUN_FAILED:
+            # A wake-up, never a verdict (anyone may post it): the watch step asks the engine how the run ended,
+            # then collects the model or fails the job (and removes its files); bring it forward.
             self.queue.make_due(job_id, WATCH_RUN)
-        elif state in lc.RUN_FAILED:
-            if job.run_id:
-                try:
-                    self.adapters.engine.terminate(job.run_id)
-                except AdapterError as e:  # the engine said the run ended: the job fails either way
-                    log.warning("run not terminated", extra={"trainingjob_id": job_id, "error": str(e)})
-            self.transitions.fail(job, f"pipeline run ended {state}")
-            self.queue.remove_for_job(job_id, (WATCH_RUN, START_RUN))
         else:
             return f"Training job {job_id}: run is {state}"
         self.session.commit()
