@@ -85,6 +85,42 @@ def test_swagger_yaml_and_ui_are_served_offline(bare_app):
     assert client.get("/apidocs/../../trainingmgr/config.py").status_code == 404
 
 
+def _resolve(spec: dict, item: dict) -> dict:
+    while "$ref" in item:
+        section, name = item["$ref"].split("/")[1:]
+        item = spec[section][name]
+    return item
+
+
+# Operations that touch no database: no 503 of an outage (/readyz documents its own).
+NO_DATABASE = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/swagger.yaml"), ("GET", "/apidocs"),
+               ("GET", "/model/{modelname}/{modelversion}/{artifactversion}/Model.zip")}
+# Operations that answer no error of their own (no input, no database).
+NO_ERRORS = {("GET", "/healthz"), ("GET", "/swagger.yaml"), ("GET", "/apidocs")}
+
+
+def test_every_error_the_service_answers_is_in_the_contract():
+    """Errors are application/problem+json; a database outage is a 503 with Retry-After; every string input may
+    be refused (400: control characters)."""
+    spec = load_spec()
+    built, _ = spec_operations(spec)
+    for method, path in sorted(built):
+        op = spec["paths"][path][method.lower()]
+        responses = {code: _resolve(spec, answer) for code, answer in op["responses"].items()}
+        where = f"{method} {path}"
+        if (method, path) not in NO_ERRORS:
+            assert "application/problem+json" in op.get("produces", spec["produces"]), where
+        if (method, path) not in NO_DATABASE:
+            assert "503" in responses and "Retry-After" in responses["503"].get("headers", {}), where
+        parameters = [_resolve(spec, p) for p in op.get("parameters", [])]
+        if any(p["in"] == "body" or p.get("type") == "string" for p in parameters):
+            assert "400" in responses, where
+        if any(p["in"] == "path" for p in parameters):
+            assert "404" in responses or "400" in responses, where
+    metrics = spec["paths"]["/ai-ml-model-training/v1/training-jobs/update-model-metrics/{trainingjob_id}"]["post"]
+    assert "TM_MAX_METRICS_BYTES" in metrics["responses"]["413"]["description"]
+
+
 def test_readme_documents_every_setting():
     readme = (PROJECT_ROOT / "README.md").read_text()
     for variable, default, _ in Settings.documented():

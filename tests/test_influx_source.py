@@ -149,11 +149,22 @@ def test_http_errors(influx: InfluxDouble, status: int, retryable: bool, words: 
     assert "s3cr3t-token" not in str(caught.value)
 
 
-def test_flux_error_in_the_answer_is_not_retryable(influx: InfluxDouble) -> None:
+def test_flux_error_in_the_answer_is_not_retryable(influx: InfluxDouble, caplog) -> None:
     influx.flux_error = "schema collision: cannot group float and string types together"
-    with pytest.raises(AdapterError, match="the query failed: schema collision") as caught:
-        read_all(connection(influx), ["hour"])
+    with caplog.at_level("WARNING", logger="trainingmgr.adapters.influx_source"):
+        with pytest.raises(AdapterError, match="the query failed") as caught:
+            read_all(connection(influx), ["hour"])
     assert caught.value.retryable is False
+    # The job's reason (any client reads it) never carries the peer's words; the operator's log does.
+    assert "schema collision" not in str(caught.value)
+    assert "schema collision" in caplog.text
+
+
+def test_a_peer_error_page_is_not_relayed_into_the_reason(influx: InfluxDouble) -> None:
+    influx.status, influx.message = 400, "internal-service banner: redis_version:7.0.15"
+    with pytest.raises(AdapterError) as caught:
+        read_all(connection(influx), ["hour"])
+    assert "redis_version" not in str(caught.value) and "HTTP 400" in str(caught.value)
 
 
 def test_down_and_slow_are_retryable(influx: InfluxDouble) -> None:

@@ -253,6 +253,15 @@ def test_a_file_larger_than_the_limit_is_a_413_with_result(app, client, compiled
     assert names(client) == [] and stored_files(app) == []
 
 
+def test_an_upload_refused_before_its_view_runs_carries_result_too(app, client, compiled):
+    # The app's control-character check runs before the view: its 400 lacked `result`, the key upload clients read.
+    for response in (upload(client, "qoe_pipeline", compiled, description="a\x05b"),
+                     upload(client, "qoe%01pipeline", compiled)):
+        body = assert_problem(response, 400, result=True)
+        assert "control characters" in body["detail"]
+    assert names(client) == [] and stored_files(app) == []
+
+
 def test_other_methods_on_the_upload_route_are_405(client):
     assert client.get("/pipelines/qoe_pipeline/upload").status_code == 405
 

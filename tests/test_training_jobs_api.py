@@ -636,6 +636,25 @@ def test_status_of_a_non_integer_id_is_400_not_the_model_list(setup, job_id):
     assert setup.get(f"{JOBS}/qoe/1").status_code == 200  # the model list itself is still served
 
 
+def test_delete_answers_204_without_a_body_or_a_content_type(setup):
+    job = create(setup)
+    response = setup.delete(f"{JOBS}/{job['id']}")
+    assert response.status_code == 204 and response.get_data() == b""
+    assert "Content-Type" not in response.headers  # it said text/html, for no body at all
+
+
+def test_a_metrics_route_word_is_never_a_model_name(setup):
+    # `GET .../update-model-metrics/7` listed the jobs of a model "update-model-metrics" (200 []), so its Allow said
+    # GET where the contract has POST only; it is a 405 of the metrics route now.
+    create(setup, job_request("update-model-metrics", "7"))
+    response = setup.get(f"{JOBS}/update-model-metrics/7")
+    assert_problem(response, 405)
+    assert "GET" not in response.headers["Allow"] and "POST" in response.headers["Allow"]
+    assert "GET" not in setup.open(f"{JOBS}/update-model-metrics/7", method="OPTIONS").headers["Allow"]
+    assert setup.get(f"{JOBS}/update-model-metricsX/7").status_code == 200  # other names are models
+    assert setup.get(f"{JOBS}/qoe/1").status_code == 200
+
+
 def test_delete_then_404(setup, app):
     keep = create(setup)
     job = create(setup, job_request("gone"))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import logging
 import re
 import socket
 from typing import Any, Iterator, Mapping, Sequence
@@ -35,6 +36,8 @@ from influxdb_client.rest import ApiException
 
 from .base import AdapterError
 from .outbound import OutboundDenied, OutboundPolicy, guard_pool_manager
+
+log = logging.getLogger(__name__)
 
 FLUX_QUERY = (
     "from(bucket: tm_bucket)\n"
@@ -96,24 +99,29 @@ def _why_unreachable(error: Exception) -> str:
 
 
 def _error(where: str, error: Exception) -> AdapterError:
-    """Sort an influxdb-client failure into retryable (the server or the network) or not (our request)."""
+    """Sort an influxdb-client failure into retryable (the server or the network) or not (our request).
+
+    The reason goes on the job, which any client may read, and the host is a client's choice: it says what kind
+    of failure it was, never what the peer answered (its error text could be any internal service's page). The
+    log has the peer's words."""
     if isinstance(error, OutboundDenied):
         return _bad(f"InfluxDB at {where} may not be called: {error.rule} (TM_OUTBOUND_ALLOW changes this)")
+    if isinstance(error, (ApiException, FluxQueryException, FluxCsvParserException, InfluxDBError)):
+        log.warning("InfluxDB at %s failed: %s", where, str(getattr(error, "message", "") or error)[:1000])
     if isinstance(error, ApiException):
         status = error.status or 0
-        message = str(getattr(error, "message", "") or error.reason or "")[:300]
         if status == 0:  # TLS trouble, or a request the client could not build
-            return _bad(f"InfluxDB at {where}: {message or error.__class__.__name__}")
+            return _bad(f"InfluxDB at {where} could not be asked ({error.__class__.__name__})")
         if status in (401, 403):
-            return _bad(f"InfluxDB at {where} refused the token (HTTP {status}): {message}")
+            return _bad(f"InfluxDB at {where} refused the token (HTTP {status})")
         if status == 404:
-            return _bad(f"InfluxDB at {where}: bucket or organisation not found (HTTP 404): {message}")
+            return _bad(f"InfluxDB at {where}: bucket or organisation not found (HTTP 404)")
         retryable = status >= 500 or status == 429
-        return AdapterError(f"InfluxDB at {where} answered HTTP {status}: {message}", retryable=retryable)
+        return AdapterError(f"InfluxDB at {where} answered HTTP {status}", retryable=retryable)
     if isinstance(error, FluxQueryException):
-        return _bad(f"InfluxDB at {where}: the query failed: {str(error.message)[:300]}")
+        return _bad(f"InfluxDB at {where}: the query failed (the service log has InfluxDB's message)")
     if isinstance(error, FluxCsvParserException):
-        return _bad(f"InfluxDB at {where} gave an answer that is not annotated CSV: {str(error)[:300]}")
+        return _bad(f"InfluxDB at {where} gave an answer that is not annotated CSV")
     if isinstance(error, urllib3.exceptions.MaxRetryError) and isinstance(error.reason, Exception):
         error = error.reason
     if isinstance(error, urllib3.exceptions.NewConnectionError):
@@ -125,8 +133,9 @@ def _error(where: str, error: Exception) -> AdapterError:
     if isinstance(error, (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)):
         return AdapterError(f"InfluxDB at {where} is not reachable ({error.__class__.__name__})", retryable=True)
     if isinstance(error, InfluxDBError):
-        return AdapterError(f"InfluxDB at {where}: {str(error)[:300]}", retryable=False)
-    return _bad(f"reading InfluxDB at {where} failed: {error.__class__.__name__}: {str(error)[:300]}")
+        return AdapterError(f"InfluxDB at {where} failed (the service log has InfluxDB's message)", retryable=False)
+    log.warning("reading InfluxDB at %s failed: %r", where, error)
+    return _bad(f"reading InfluxDB at {where} failed: {error.__class__.__name__}")
 
 
 def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
