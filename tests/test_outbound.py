@@ -38,8 +38,13 @@ DENIED_URLS = {
     "http://[::ffff:127.0.0.1]/": "loopback",
     "http://224.0.0.1/": "multicast",
     "http://240.0.0.1/": "reserved",
+    # Found by the review: IPv6 forms a NAT64 gateway or a tunnel may route to an IPv4 address.
+    "http://[::127.0.0.1]/": "IPv6 carrying an IPv4 address",
+    "http://[::ffff:0:7f00:1]/": "IPv6 carrying an IPv4 address",
+    "http://[64:ff9b:1::7f00:1]/": "IPv6 carrying an IPv4 address",
+    "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/": "IPv6 carrying an IPv4 address",
 }
-UNPARSABLE_URLS = ["http://127.1/", "http://0x7f000001/", "http://2130706433/", "http://user:pw@rapp.svc/",
+UNPARSABLE_URLS = ["http://[v1.x]/", "http://[127.0.0.1]/", "http://127.1/", "http://0x7f000001/", "http://2130706433/", "http://user:pw@rapp.svc/",
                    "ftp://rapp.svc/", "http://rapp.svc:0/", "http://rapp svc/", "file:///etc/passwd"]
 
 
@@ -88,6 +93,7 @@ def test_a_notification_url_that_is_not_a_plain_http_url_is_a_400(default_app, u
     ("127.0.0.1:41100/any/path?q=", "is not a host name or an IP address"),
     ("127.0.0.1", "loopback"), ("localhost", "local or cloud metadata"), ("127.1", "four numbers"),
     ("169.254.169.254", "link-local"), ("influx/../x", "is not a host name"), ("a@b", "is not a host name"),
+    ("[influxdb]", "is not an IPv6 address"), ("::7f00:1", "IPv6 carrying an IPv4 address"),
 ])
 def test_a_feature_group_host_the_policy_denies_is_a_400(default_app, host, message):
     client = default_app.test_client()

@@ -76,6 +76,14 @@ class Settings:
         default=1024 * 1024,
         metadata={"env": "TM_MAX_METRICS_BYTES", "doc": "largest model-metrics body accepted (413 above it)"},
     )
+    max_json_bytes: int = field(
+        default=1024 * 1024,
+        metadata={
+            "env": "TM_MAX_JSON_BYTES",
+            "doc": "largest JSON (or URL-encoded form) request body accepted (413 above it); pipeline uploads "
+            "(multipart) are bounded by TM_MAX_BODY_BYTES only",
+        },
+    )
     request_read_timeout: float = field(
         default=30.0,
         metadata={
@@ -273,6 +281,8 @@ class Settings:
             raise SettingsError(str(e)) from None
         if self.max_metrics_bytes < 1024:
             raise SettingsError("TM_MAX_METRICS_BYTES must be at least 1024")
+        if self.max_json_bytes < 1024:
+            raise SettingsError("TM_MAX_JSON_BYTES must be at least 1024")
         if not 0 < self.request_read_timeout <= 3600:
             raise SettingsError("TM_REQUEST_READ_TIMEOUT must be between 0 and 3600 seconds")
         for name, value, choices in (

@@ -56,6 +56,14 @@ class Conflict(ApiError):
     title = "Conflict"
 
 
+class PayloadTooLarge(ApiError):
+    """A body within the byte limit that breaks another limit (a form of too many parts ...); a body over the byte
+    limit is werkzeug's RequestEntityTooLarge, answered below with the limit in bytes."""
+
+    status = 413
+    title = "Request Entity Too Large"
+
+
 class UnsupportedMediaType(ApiError):
     status = 415
     title = "Unsupported Media Type"

@@ -4,14 +4,18 @@ has fully arrived, and errors gunicorn answers itself (414, 431, a bad request l
 Why: a gthread thread reads the request body itself, as the application asks for it. A client that announces
 `Content-Length: 100000`, sends 5 bytes and waits held a thread for as long as it liked: seven of them stopped
 `/healthz` from answering at all. Here the worker's event loop (the thread that accepts connections and watches
-kept-alive ones) reads each request's head and body without blocking, and hands the connection to the thread pool
-only when the body is complete, so a stalled upload costs a buffer, not a thread. A request that has not fully
-arrived within TM_REQUEST_READ_TIMEOUT seconds of its first byte is answered 408 and its connection closed.
+kept-alive ones) reads each request's head and body without blocking, Content-Length and chunked bodies alike, and
+hands the connection to the thread pool only when the request is complete, so a stalled or trickling upload costs
+a buffer, not a thread. A request that has not fully arrived within TM_REQUEST_READ_TIMEOUT seconds of the moment
+the loop started reading it is answered 408 and its connection closed. `Expect: 100-continue` is answered by the
+loop (the header is then taken out, so gunicorn does not answer it twice).
 
-Requests the loop does not buffer go to a thread at once and read from a socket with a receive timeout of the same
-length: chunked bodies, `Expect: 100-continue` (the client waits for the thread's 100 before it sends), bodies over
-TM_MAX_BODY_BYTES (the application refuses them, 413, without reading) and bodies that would take the worker's
-buffers over their bound (4 x TM_MAX_BODY_BYTES, so memory stays bounded however many clients upload at once).
+Bounds, all answered by the loop: a head over 64 KiB is a 431; a chunked body over TM_MAX_BODY_BYTES a 413; and
+the bytes buffered beyond the first 64 KiB of each request count against a budget of 4 x TM_MAX_BODY_BYTES per
+worker: a request that would go over it is a 503 (Retry-After), so memory stays bounded however many clients
+upload at once. A body announced larger than TM_MAX_BODY_BYTES goes to a thread at once: the application refuses it
+(413) without reading it, and the connection is closed after the answer rather than drained. Threads still read
+from sockets with a receive timeout of TM_REQUEST_READ_TIMEOUT, as a second line.
 
 This relies on gunicorn's gthread internals (TConn, the poller, enqueue_req, murder_pending): gunicorn is pinned,
 and tests/test_slow_clients.py fails if an upgrade changes them.
@@ -25,41 +29,90 @@ import socket
 import struct
 import time
 from functools import partial
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from gunicorn.workers.gthread import ThreadWorker
 
 HEAD_END = b"\r\n\r\n"
-# gunicorn's own limits refuse heads larger than this (request line + 100 fields of 8190 bytes); past it the
-# parser in the thread answers 431 or 414 instead of the loop waiting for an end that may never come.
-MAX_HEAD_BYTES = 4096 + 100 * 8192
+MAX_HEAD_BYTES = 64 * 1024
+FREE_BYTES_PER_REQUEST = 64 * 1024  # buffered without counting against the budget: every small request passes
+RETRY_AFTER_SECONDS = 5
 _CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*([0-9]{1,19})[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
-_HANDS_OVER = re.compile(rb"^(?:transfer-encoding|expect)[ \t]*:", re.IGNORECASE | re.MULTILINE)
+_TRANSFER_ENCODING = re.compile(rb"^transfer-encoding[ \t]*:[ \t]*([^\r\n]*)\r?$", re.IGNORECASE | re.MULTILINE)
+_EXPECT_CONTINUE = re.compile(rb"^expect[ \t]*:[ \t]*100-continue[ \t]*\r\n", re.IGNORECASE | re.MULTILINE)
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _READ_CHUNK = 256 * 1024
+# Answers that leave the request body unread: the connection cannot carry another request after them.
+_CLOSING_STATUSES = ("408", "413", "415")
 
 # gunicorn answers these itself, before the application sees the request (see gunicorn.workers.base.handle_error).
 _GUNICORN_TITLES = {400: "Bad Request", 403: "Forbidden", 414: "URI Too Long", 417: "Expectation Failed",
                     431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented"}
 
 
-def problem_bytes(status: int, title: str, detail: str) -> bytes:
+def problem_bytes(status: int, title: str, detail: str, headers: str = "") -> bytes:
     """A complete HTTP/1.1 response carrying a ProblemDetails body, closing the connection."""
     body = json.dumps({"title": title, "status": status, "detail": detail}).encode("utf-8")
     head = (f"HTTP/1.1 {status} {title}\r\nConnection: close\r\nContent-Type: application/problem+json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")
+            f"{headers}Content-Length: {len(body)}\r\n\r\n")
     return head.encode("latin-1") + body
+
+
+class _Refused(Exception):
+    """The loop answers the request itself (`answer`) and closes the connection."""
+
+    def __init__(self, answer: bytes):
+        super().__init__()
+        self.answer = answer
 
 
 class _Buffering:
     """A connection whose request the loop is still reading."""
 
-    __slots__ = ("data", "deadline", "size", "searched")
+    __slots__ = ("data", "deadline", "head_end", "searched", "size", "chunk_at", "chunk_total", "charged")
 
-    def __init__(self, deadline: float):
-        self.data = bytearray()
+    def __init__(self, deadline: float, data: bytes = b""):
+        self.data = bytearray(data)
         self.deadline = deadline
-        self.size = 0  # the whole request's length (head and body), once its head has been read
+        self.head_end = -1  # the index just after the head's blank line, once seen
         self.searched = 0  # bytes already searched for the head's end
+        self.size = 0  # Content-Length requests: the whole request's length
+        self.chunk_at = -1  # chunked requests: where the next chunk-size line starts
+        self.chunk_total = 0  # chunked requests: body bytes seen so far
+        self.charged = 0  # bytes of this request counted against the worker's budget
+
+
+def chunked_end(data: bytearray, at: int, total: int, limit: int) -> tuple[int, int, int]:
+    """Scan chunks from `at`: (end of the body with its trailers or -1 if more is needed, where to resume, body
+    bytes so far). ValueError for malformed framing (the parser will say 400), OverflowError past `limit`."""
+    while True:
+        line_end = data.find(b"\r\n", at)
+        if line_end < 0:
+            if len(data) - at > 1024:
+                raise ValueError("chunk-size line too long")
+            return -1, at, total
+        size_text = bytes(data[at:line_end]).split(b";", 1)[0].strip()
+        if not _CHUNK_SIZE.fullmatch(size_text):
+            raise ValueError("invalid chunk size")
+        size = int(size_text, 16)
+        if size == 0:
+            trailer = line_end + 2
+            while True:  # trailer fields, then the blank line
+                end = data.find(b"\r\n", trailer)
+                if end < 0:
+                    return -1, at, total
+                if end == trailer:
+                    return end + 2, at, total
+                trailer = end + 2
+        total += size
+        if total > limit:
+            raise OverflowError(total)
+        chunk_end = line_end + 2 + size
+        if len(data) < chunk_end + 2:
+            return -1, at, total - size
+        if data[chunk_end:chunk_end + 2] != b"\r\n":
+            raise ValueError("chunk data not followed by CRLF")
+        at = chunk_end + 2
 
 
 class _ErrorCapture:
@@ -87,19 +140,26 @@ class RequestBufferingWorker(ThreadWorker):
         self.read_timeout = float(getattr(settings, "request_read_timeout", 30.0))
         self.max_body = int(getattr(settings, "max_body_bytes", 16 * 1024 * 1024))
         self.buffer_budget = 4 * self.max_body
-        self.buffered_bytes = 0
+        self.charged_bytes = 0
         self.buffering: dict[Any, _Buffering] = {}
         super().init_process()
 
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self.wsgi = _closing_after_unread_body(self.wsgi)
+
     # ------------------------------------------------------------------ the loop's side
     def enqueue_req(self, conn: Any) -> None:
-        pipelined = conn.parser is not None and bool(conn.parser.unreader.buf.getvalue())
-        if self.cfg.is_ssl or conn.is_http2 or pipelined or not self.alive:
+        if self.cfg.is_ssl or conn.is_http2 or not self.alive:
             return self._to_thread(conn)
-        state = _Buffering(time.monotonic() + self.read_timeout)
+        # Pipelined bytes the parser read ahead (behind the previous request) start this request.
+        early = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
+        state = _Buffering(time.monotonic() + self.read_timeout, early)
         self.buffering[conn] = state
         conn.sock.setblocking(False)
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._readable, conn))
+        if early:
+            self._advance(conn, state)
 
     def _readable(self, conn: Any, _sock: Any) -> None:
         state = self.buffering[conn]
@@ -107,38 +167,91 @@ class RequestBufferingWorker(ThreadWorker):
             try:
                 chunk = conn.sock.recv(_READ_CHUNK)
             except (BlockingIOError, InterruptedError):
-                break
+                return
             except OSError:
                 return self._drop(conn)
             if not chunk:  # the client went away before its request was complete
                 return self._drop(conn)
             state.data += chunk
-            if not self._more_wanted(state):
-                return self._dispatch(conn, state)
+            if not self._advance(conn, state):
+                return
 
-    def _more_wanted(self, state: _Buffering) -> bool:
-        """False once the request is complete, or once the loop should stop buffering it (a thread reads the rest)."""
-        if state.size:
-            return len(state.data) < state.size
-        end = state.data.find(HEAD_END, max(0, state.searched - len(HEAD_END) + 1))
-        state.searched = len(state.data)
-        if end < 0:
-            return len(state.data) <= MAX_HEAD_BYTES
+    def _advance(self, conn: Any, state: _Buffering) -> bool:
+        """Look at what arrived: True while more of the request is wanted (else it was dispatched or refused)."""
+        try:
+            complete = self._complete(conn, state)
+            self._charge(state)
+        except _Refused as refused:
+            self._drop(conn, refused.answer)
+            return False
+        if complete:
+            self._dispatch(conn, state)
+            return False
+        return True
+
+    def _complete(self, conn: Any, state: _Buffering) -> bool:
+        """Whether the request is complete, or must go to a thread as it is (the parser or the app answers it)."""
+        if state.head_end < 0:
+            end = state.data.find(HEAD_END, max(0, state.searched - len(HEAD_END) + 1))
+            state.searched = len(state.data)
+            if end < 0:
+                if len(state.data) > MAX_HEAD_BYTES:
+                    raise _Refused(problem_bytes(431, "Request Header Fields Too Large",
+                                                 f"The request head is larger than {MAX_HEAD_BYTES} bytes"))
+                return False
+            if not self._read_head(conn, state, end):
+                return True
+        if state.chunk_at >= 0:
+            try:
+                end, state.chunk_at, state.chunk_total = chunked_end(state.data, state.chunk_at, state.chunk_total,
+                                                                     self.max_body)
+            except ValueError:
+                return True  # malformed framing: the parser answers 400
+            except OverflowError:
+                raise _Refused(problem_bytes(413, "Request Entity Too Large",
+                                             f"Request body is larger than the limit of {self.max_body} bytes"))
+            return end >= 0
+        return len(state.data) >= state.size
+
+    def _read_head(self, conn: Any, state: _Buffering, end: int) -> bool:
+        """Decide how the body is read once the head is here; False: hand the request to a thread as it is."""
         head = bytes(state.data[:end + 2])
-        if _HANDS_OVER.search(head):
-            return False
-        match = _CONTENT_LENGTH.search(head)
-        body = int(match.group(1)) if match else 0
-        size = end + len(HEAD_END) + body
-        if body > self.max_body or self.buffered_bytes + size > self.buffer_budget:
-            return False
-        state.size = size
-        self.buffered_bytes += size
-        return len(state.data) < size
+        encoding = _TRANSFER_ENCODING.search(head)
+        length = _CONTENT_LENGTH.search(head)
+        expect = _EXPECT_CONTINUE.search(head)
+        if expect:
+            # Answered here; taken out so that gunicorn, which would answer it too, never sees it.
+            del state.data[expect.start():expect.end()]
+            end -= expect.end() - expect.start()
+        state.head_end = end + len(HEAD_END)
+        if encoding:
+            if length or encoding.group(1).strip().lower() != b"chunked":
+                return False  # a framing gunicorn refuses or does not buffer: its parser answers
+            state.chunk_at = state.head_end
+        else:
+            body = int(length.group(1)) if length else 0
+            if body > self.max_body:
+                return False  # the application answers 413 without reading it
+            state.size = state.head_end + body
+        if expect and (state.chunk_at >= 0 or state.size > state.head_end):
+            self._send(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
+
+    def _charge(self, state: _Buffering) -> None:
+        """Count what this request holds beyond its free allowance; refuse it when the worker's budget is spent."""
+        wanted = max(0, len(state.data) - FREE_BYTES_PER_REQUEST)
+        if wanted > state.charged:
+            if self.charged_bytes + wanted - state.charged > self.buffer_budget:
+                raise _Refused(problem_bytes(
+                    503, "Service Unavailable",
+                    "The server is receiving too many request bodies at once; retry later",
+                    f"Retry-After: {RETRY_AFTER_SECONDS}\r\n"))
+            self.charged_bytes += wanted - state.charged
+            state.charged = wanted
 
     def _forget(self, conn: Any) -> _Buffering:
         state = self.buffering.pop(conn)
-        self.buffered_bytes -= state.size
+        self.charged_bytes -= state.charged
         try:
             self.poller.unregister(conn.sock)
         except (KeyError, ValueError, OSError):
@@ -153,8 +266,7 @@ class RequestBufferingWorker(ThreadWorker):
 
     def _to_thread(self, conn: Any) -> None:
         if not getattr(conn, "tm_receive_timeout", False):
-            # Reads a thread still makes (a chunked body, one past the buffer budget) give up after the read
-            # timeout; werkzeug turns that into ClientDisconnected, which the app answers 408.
+            # A read a thread still makes (a body announced over the limit, TLS) gives up after the read timeout.
             seconds = int(self.read_timeout)
             microseconds = int((self.read_timeout - seconds) * 1e6)
             try:
@@ -167,10 +279,7 @@ class RequestBufferingWorker(ThreadWorker):
     def _drop(self, conn: Any, answer: bytes = b"") -> None:
         self._forget(conn)
         if answer:
-            try:
-                conn.sock.send(answer)  # non-blocking, best effort: the client stalled, it may not read either
-            except OSError:
-                pass
+            self._send(conn.sock, answer)
         self.nr_conns -= 1
         conn.close()
 
@@ -182,7 +291,8 @@ class RequestBufferingWorker(ThreadWorker):
                 self._drop(conn)
             elif now >= state.deadline:
                 started = bool(state.data)
-                self.log.warning("request not received within %ss; connection closed", self.read_timeout)
+                if started:
+                    self.log.warning("request not received within %ss; connection closed", self.read_timeout)
                 self._drop(conn, problem_bytes(
                     408, "Request Timeout",
                     f"The request did not arrive within {self.read_timeout:g} seconds",
@@ -206,8 +316,27 @@ class RequestBufferingWorker(ThreadWorker):
 
     @staticmethod
     def _send(client: Any, data: bytes) -> None:
+        """Best effort, never blocking: a client that stalled may not read either."""
         try:
             client.setblocking(False)
             client.send(data)
         except OSError:
             pass
+
+
+def _closing_after_unread_body(app: Callable[..., Any]) -> Callable[..., Any]:
+    """The WSGI app, with the connection closed after an answer that leaves the body unread (408, 413, 415): the
+    client may not send another request on it (gunicorn would otherwise announce keep-alive, then drop it while
+    draining a large body). The app cannot say so itself: gunicorn drops hop-by-hop headers such as Connection."""
+
+    def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if status[:3] in _CLOSING_STATUSES:
+                response = getattr(start_response, "__self__", None)
+                if response is not None and hasattr(response, "force_close"):
+                    response.force_close()
+            return start_response(status, headers, exc_info)
+
+        return app(environ, start)
+
+    return wrapped

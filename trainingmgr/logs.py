@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 import uuid
@@ -14,6 +15,7 @@ from datetime import datetime, timezone
 from flask import Flask, Response, g, has_request_context, request
 
 REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -50,8 +52,9 @@ def install_request_logging(app: Flask) -> None:
     @app.before_request
     def _start() -> None:
         incoming = request.headers.get(REQUEST_ID_HEADER, "")
-        # Accept a caller's id only if it is short and printable, so it cannot forge log lines.
-        g.request_id = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
+        # Accept a caller's id only if it is 1 to 64 of [A-Za-z0-9._:-], so it can forge neither log lines nor
+        # markup where it is shown (no quotes, no <>, no bytes beyond ASCII); else one is made, as when none came.
+        g.request_id = incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         g.request_started = time.perf_counter()
 
     @app.after_request

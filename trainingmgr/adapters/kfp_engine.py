@@ -76,7 +76,7 @@ def _server_message(e: ApiException) -> str:
     if isinstance(body, str) and body.strip():
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None
         if isinstance(data, dict):
             message = data.get("message") or data.get("error")

@@ -35,7 +35,7 @@ class MmeClient:
                                retryable=response.status_code >= 500)
         try:
             records = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             raise AdapterError("Model Management Service answered something that is not JSON") from None
         if not isinstance(records, list) or not records:
             return None

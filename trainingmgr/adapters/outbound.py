@@ -36,6 +36,9 @@ DEFAULT_DENIED_NETWORKS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("multicast", ("224.0.0.0/4", "ff00::/8")),
     ("reserved", ("240.0.0.0/4", "192.0.0.0/24", "192.0.2.0/24", "198.18.0.0/15", "198.51.100.0/24",
                   "203.0.113.0/24", "2001:db8::/32", "100::/64")),
+    # IPv6 forms that carry an IPv4 address a gateway or tunnel may route to (the address itself is checked too,
+    # where Python can take it out): IPv4-compatible (deprecated), IPv4-translated, local-use NAT64, Teredo.
+    ("IPv6 carrying an IPv4 address", ("::/96", "::ffff:0:0:0/96", "64:ff9b:1::/48", "2001::/32")),
 )
 DEFAULT_DENIED_NAMES = ("localhost", "*.localhost", "metadata", "metadata.google.internal", "metadata.goog",
                         "instance-data", "instance-data.ec2.internal", "*.internal.cloudapp.net")
@@ -66,15 +69,19 @@ class Endpoint:
 def parse_host(text: str) -> tuple[str, IPAddress | None]:
     """(host, IP address or None) of a host name or an IP literal (IPv6 with or without brackets); ValueError else."""
     host = text.strip() if isinstance(text, str) else ""
-    if host.startswith("[") and host.endswith("]"):
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
         host = host[1:-1]
     if not host:
         raise ValueError("the host is empty")
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        pass
+        if bracketed:  # brackets hold an IPv6 address and nothing else
+            raise ValueError(f"{text!r} is not an IPv6 address") from None
     else:
+        if bracketed and address.version != 6:
+            raise ValueError(f"{text!r}: brackets hold an IPv6 address only")
         if getattr(address, "scope_id", None):
             raise ValueError(f"{text!r}: an IPv6 zone is not allowed")
         return str(address), address

@@ -93,7 +93,7 @@ def _coerce(value: Any, definition: Any) -> Any:
             parsed = json.loads(text)
             expected = list if kind == "LIST" else dict
             return parsed if isinstance(parsed, expected) else value
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a list or object nested too deeply
         return value
     return value
 

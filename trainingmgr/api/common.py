@@ -6,11 +6,11 @@ import math
 import re
 from typing import Any
 
-from flask import current_app, request, url_for
+from flask import current_app, g, request, url_for
 from marshmallow import Schema, ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from ..errors import BadRequest, UnsupportedMediaType, ValidationFailed
+from ..errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from ..services.pagination import Page
 
 
@@ -21,9 +21,15 @@ def json_body() -> dict[str, Any]:
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, not {request.content_type or 'absent'}"
         )
-    raw = request.get_data(cache=True)  # reading enforces MAX_CONTENT_LENGTH (413) of an announced length
-    limit = request.max_content_length
-    if limit is not None and request.content_length is None and len(raw) >= limit:
+    # JSON bodies are bounded by TM_MAX_JSON_BYTES as well as by the route's own limit (TM_MAX_BODY_BYTES, or
+    # TM_MAX_METRICS_BYTES set by the metrics routes): parsing is what costs, and no JSON body needs megabytes.
+    # The smaller limit becomes the request's, so that a 413 (errors.py) names the limit that applied.
+    limit = bounded_limit(request.max_content_length, services().settings.max_json_bytes)
+    request.max_content_length = limit
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestEntityTooLarge()  # announced: refused before a byte is read
+    raw = request.get_data(cache=True)
+    if request.content_length is None and len(raw) >= limit:
         # A body of unannounced length (chunked) is read up to the limit and cut there without an error: had it
         # ended below the limit, fewer bytes would have come.
         raise RequestEntityTooLarge()
@@ -55,6 +61,11 @@ def json_body() -> dict[str, Any]:
         if field is not None:
             raise _control_character_error(field)
     return body
+
+
+def bounded_limit(current: int | None, bound: int) -> int:
+    """The smaller of a request's body limit (None: none) and `bound`."""
+    return bound if current is None else min(current, bound)
 
 
 class NonFiniteNumber(ValueError):
@@ -134,18 +145,65 @@ def refuse_control_characters() -> None:
     for key, value in request.args.items(multi=True):
         if CONTROL_CHARACTER.search(key) or CONTROL_CHARACTER.search(value):
             raise _control_character_error(f"query.{key}")
-    if request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        try:
-            request.form  # noqa: B018 - parses the form (and files)
-        except RequestEntityTooLarge:
-            return  # the route reads the body again and answers the 413 in its own words
-        for key, value in request.form.items(multi=True):
-            rule = _CONTROL_BUT_LINE_BREAKS if key in MULTI_LINE_FIELDS else CONTROL_CHARACTER
-            if CONTROL_CHARACTER.search(key) or rule.search(value):
-                raise _control_character_error(f"form.{key}")
-        for key, upload in request.files.items(multi=True):
-            if CONTROL_CHARACTER.search(key) or CONTROL_CHARACTER.search(upload.filename or ""):
-                raise _control_character_error(f"form.{key}")
+    if request.routing_exception is not None:
+        return  # no route (404) or not this method (405): that is the answer, the body is never read
+    if request.mimetype == "application/x-www-form-urlencoded":
+        # No route takes such a form; parsing one costs like JSON does (it is read at once), so it is bounded alike.
+        request.max_content_length = bounded_limit(request.max_content_length, services().settings.max_json_bytes)
+    elif request.mimetype != "multipart/form-data":
+        return
+    try:
+        request.form  # noqa: B018 - parses the form (and files)
+    except RequestEntityTooLarge as e:
+        # Answered by the route that reads the form (form_limit_error); werkzeug would parse the rest of the body
+        # as a new form if it were read again. Other routes answer as they would (415, 405 ...).
+        g.form_limit_error = _form_too_large(e)
+        return
+    for key, value in request.form.items(multi=True):
+        if key is None:
+            continue  # a part without a name (werkzeug keeps it under None): no route reads it
+        rule = _CONTROL_BUT_LINE_BREAKS if key in MULTI_LINE_FIELDS else CONTROL_CHARACTER
+        if CONTROL_CHARACTER.search(key) or rule.search(value):
+            raise _control_character_error(f"form.{key}")
+    for key, upload in request.files.items(multi=True):
+        if key is None:
+            continue
+        if CONTROL_CHARACTER.search(key) or CONTROL_CHARACTER.search(upload.filename or ""):
+            raise _control_character_error(f"form.{key}")
+
+
+def refuse_form_over_limits() -> None:
+    """For a route that reads a multipart form: a form over a limit (refuse_control_characters parsed it) is a 413
+    saying which: the body's bytes, the number of parts or a text field's size."""
+    error = g.get("form_limit_error")
+    if error is not None:
+        raise error
+
+
+def _form_too_large(error: RequestEntityTooLarge) -> Exception:
+    """What a RequestEntityTooLarge of form parsing says: werkzeug raises it for a body over the limit, for more
+    than max_form_parts parts and for a text field over max_form_memory_size alike. The last two are told apart
+    by where it was raised (MultipartDecoder.next_event counts parts); a body over the limit keeps the 413 that
+    names the byte limit (errors.py)."""
+    from werkzeug.formparser import MultiPartParser
+    from werkzeug.sansio.multipart import MultipartDecoder
+
+    content_length = request.content_length
+    limit = request.max_content_length
+    if limit is not None and content_length is not None and content_length > limit:
+        return error.with_traceback(None)
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    frame = tb.tb_frame if tb is not None else None
+    raiser = frame.f_locals.get("self") if frame is not None else None
+    if isinstance(raiser, MultipartDecoder) and frame.f_code.co_name == "next_event":
+        return PayloadTooLarge(f"The form has too many parts: more than the limit of {request.max_form_parts}")
+    if isinstance(raiser, (MultipartDecoder, MultiPartParser)):
+        return PayloadTooLarge(
+            f"A form field other than a file is larger than the limit of {request.max_form_memory_size} bytes"
+        )
+    return error.with_traceback(None)  # the body ran over the byte limit while it was read (unannounced length)
 
 
 def load(schema: Schema, data: Any) -> Any:

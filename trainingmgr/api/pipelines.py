@@ -11,7 +11,7 @@ from flask import Blueprint, g, request
 
 from ..errors import BadRequest
 from ..models import Pipeline
-from .common import services
+from .common import refuse_form_over_limits, services
 
 
 bp = Blueprint("pipelines", __name__)
@@ -45,7 +45,8 @@ def upload_pipeline(pipe_name: str):
             "Send the compiled pipeline as multipart/form-data in the field 'file', "
             f"not as {request.content_type or 'a body without Content-Type'}"
         )
-    upload = request.files.get("file")  # parsing the form enforces the body limit (413)
+    refuse_form_over_limits()  # 413: the body's size, too many parts or a text field too large
+    upload = request.files.get("file")
     if upload is None:
         raise BadRequest("The field 'file' is required: the compiled pipeline (YAML) to upload")
     content = upload.read()

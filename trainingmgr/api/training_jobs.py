@@ -9,7 +9,7 @@ from ..schemas.training_job import ModelTrainingRequestSchema, dump_training_job
 from ..services import lifecycle as lc
 from ..services.pagination import page_request
 from ..services.training_jobs import DEFAULT_EXPERIMENT
-from .common import json_body, load, next_link, services
+from .common import bounded_limit, json_body, load, next_link, services
 
 bp = Blueprint("training_jobs", __name__)
 
@@ -110,7 +110,7 @@ def update_model_metrics(trainingjob_id: str):
     job_id = _job_id(trainingjob_id)
     # Metrics are small: a body over TM_MAX_METRICS_BYTES is refused (413) before it is read, or while it is read
     # when its length is not announced, so anonymous 15 MB bodies are neither stored nor echoed.
-    request.max_content_length = services().settings.max_metrics_bytes
+    request.max_content_length = bounded_limit(request.max_content_length, services().settings.max_metrics_bytes)
     metrics = services().training_jobs().update_metrics(job_id, json_body())
     return {"result": f"Model metrics of training job {job_id} saved", "metrics": metrics}
 

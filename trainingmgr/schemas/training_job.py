@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
-from urllib.parse import urlsplit
 
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, pre_load, validate, validates
 
+from ..adapters.outbound import parse_url
 from ..adapters.query_filter import FilterError, parse_filter
 from ..services.lifecycle import ordered
 
@@ -65,7 +65,7 @@ class ArgumentsField(fields.Field):
         if isinstance(value, str):
             try:
                 value = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply
                 raise self.make_error("invalid") from None
         if not isinstance(value, dict):
             raise self.make_error("invalid")
@@ -129,11 +129,13 @@ class TrainingConfigSchema(Schema):
 
 
 def _validate_url(value: str) -> None:
+    """A plain http(s) URL with a strict host (the outbound rules are applied by the service, which knows them)."""
     if value == "":
         return
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValidationError("Must be an http:// or https:// URL.")
+    try:
+        parse_url(value)
+    except ValueError as e:
+        raise ValidationError(f"Must be an http:// or https:// URL with a host name or IP address: {e}.") from None
 
 
 class ModelTrainingRequestSchema(Schema):

@@ -28,10 +28,19 @@ class BulkDeleteResult:
     failures: list[dict[str, str]] = field(default_factory=list)
 
 
+# A name longer than any valid one (63) is shown, in answers and log lines, as its first this many characters and
+# "…": a client's 15 MB "name" is neither echoed nor logged in full.
+SHOWN_NAME_CHARS = 64
+
+
+def shown_name(name: str) -> str:
+    return name if len(name) <= SHOWN_NAME_CHARS else name[:SHOWN_NAME_CHARS] + "…"
+
+
 def check_name(name: str) -> None:
     """A name in a path: 400 when it cannot be a feature group's name at all."""
     if not NAME_PATTERN.fullmatch(name):
-        raise BadRequest(f"Invalid feature group name {name!r}: {NAME_RULE}.")
+        raise BadRequest(f"Invalid feature group name {shown_name(name)!r}: {NAME_RULE}.")
 
 
 # What decides where a feature group's token is sent (and what it unlocks there).
@@ -133,7 +142,7 @@ class FeatureGroupService:
             if reason is None:
                 result.deleted.append(name)
             else:
-                result.failures.append({"featureGroup_name": name, "reason": reason})
+                result.failures.append({"featureGroup_name": shown_name(name), "reason": reason})
         self.session.commit()
         log.info(
             "feature groups deleted",

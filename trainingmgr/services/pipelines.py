@@ -66,8 +66,10 @@ def parse_pipeline_spec(content: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise BadRequest("The file is not a compiled pipeline: it is not UTF-8 text.") from None
     try:
-        # A compiled pipeline may carry a second document (platform config); the first is the pipeline spec.
-        document = next(yaml_documents(text), None)
+        # A compiled pipeline may carry a second document (platform config); the first is the pipeline spec. Every
+        # document is read now, so that one the engines cannot read later is refused here.
+        documents = list(yaml_documents(text))
+        document = documents[0] if documents else None
     except yaml.MarkedYAMLError as e:
         where = f" at line {e.problem_mark.line + 1} column {e.problem_mark.column + 1}" if e.problem_mark else ""
         raise BadRequest(f"The file is not valid YAML: {e.problem or e.context}{where}.") from None
