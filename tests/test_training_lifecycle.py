@@ -233,6 +233,11 @@ def test_a_failed_job_leaves_no_files_behind(setup, worker, app, tmp_path):
     done = wait_for(client, job["id"])
     assert done["status"] == "FAILED" and done["run_id"]
     data = Path(app.extensions["trainingmgr"].settings.data_path)
+    # The files go right after the failure is committed (the row is the record): give the worker a moment.
+    deadline = time.monotonic() + 20
+    while ((data / "runs" / done["run_id"]).exists() or list((data / "datasets").glob("*"))) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not (data / "runs" / done["run_id"]).exists()
     assert list((data / "datasets").glob("*")) == []
 

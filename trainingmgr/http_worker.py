@@ -10,12 +10,14 @@ a buffer, not a thread. A request that has not fully arrived within TM_REQUEST_R
 the loop started reading it is answered 408 and its connection closed. `Expect: 100-continue` is answered by the
 loop (the header is then taken out, so gunicorn does not answer it twice).
 
-Bounds, all answered by the loop: a head over 64 KiB is a 431; a chunked body over TM_MAX_BODY_BYTES a 413; and
-the bytes buffered beyond the first 64 KiB of each request count against a budget of 4 x TM_MAX_BODY_BYTES per
-worker: a request that would go over it is a 503 (Retry-After), so memory stays bounded however many clients
-upload at once. A body announced larger than TM_MAX_BODY_BYTES goes to a thread at once: the application refuses it
-(413) without reading it, and the connection is closed after the answer rather than drained. Threads still read
-from sockets with a receive timeout of TM_REQUEST_READ_TIMEOUT, as a second line.
+The loop understands every framing it passes on, and answers itself what it does not, so no thread ever reads a
+request from the socket: a head over 64 KiB is a 431; Transfer-Encoding other than one `chunked`, or with
+Content-Length, or either header repeated, is a 400/501; a body (announced or chunked) over TM_MAX_BODY_BYTES is a
+413; malformed chunk framing is a 400. A chunked request is handed to gunicorn as a Content-Length one (the loop
+has taken the chunks apart), so gunicorn's chunk parser never sees what a client sent. The bytes buffered beyond
+the first 64 KiB of each request count against a budget of 4 x TM_MAX_BODY_BYTES per worker: a request that would
+go over it is a 503 (Retry-After), so memory stays bounded however many clients upload at once. After answers that
+leave a body unread (408, 413, 415) the connection is closed.
 
 This relies on gunicorn's gthread internals (TConn, the poller, enqueue_req, murder_pending): gunicorn is pinned,
 and tests/test_slow_clients.py fails if an upgrade changes them.
@@ -37,10 +39,12 @@ HEAD_END = b"\r\n\r\n"
 MAX_HEAD_BYTES = 64 * 1024
 FREE_BYTES_PER_REQUEST = 64 * 1024  # buffered without counting against the budget: every small request passes
 RETRY_AFTER_SECONDS = 5
-_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*([0-9]{1,19})[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
-_TRANSFER_ENCODING = re.compile(rb"^transfer-encoding[ \t]*:[ \t]*([^\r\n]*)\r?$", re.IGNORECASE | re.MULTILINE)
+_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:([^\r\n]*)\r?$", re.IGNORECASE | re.MULTILINE)
+_TRANSFER_ENCODING = re.compile(rb"^transfer-encoding[ \t]*:([^\r\n]*)\r?\n", re.IGNORECASE | re.MULTILINE)
 _EXPECT_CONTINUE = re.compile(rb"^expect[ \t]*:[ \t]*100-continue[ \t]*\r\n", re.IGNORECASE | re.MULTILINE)
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_DIGITS = re.compile(rb"[0-9]+")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")
+MAX_CHUNK_LINE = 8190  # gunicorn's limit_request_field_size
 _READ_CHUNK = 256 * 1024
 # Answers that leave the request body unread: the connection cannot carry another request after them.
 _CLOSING_STATUSES = ("408", "413", "415")
@@ -84,35 +88,60 @@ class _Buffering:
 
 def chunked_end(data: bytearray, at: int, total: int, limit: int) -> tuple[int, int, int]:
     """Scan chunks from `at`: (end of the body with its trailers or -1 if more is needed, where to resume, body
-    bytes so far). ValueError for malformed framing (the parser will say 400), OverflowError past `limit`."""
+    bytes so far). ValueError for framing the loop refuses (400), OverflowError past `limit` (413)."""
     while True:
         line_end = data.find(b"\r\n", at)
         if line_end < 0:
-            if len(data) - at > 1024:
-                raise ValueError("chunk-size line too long")
+            if len(data) - at > MAX_CHUNK_LINE:
+                raise ValueError("a chunk-size line is too long")
             return -1, at, total
-        size_text = bytes(data[at:line_end]).split(b";", 1)[0].strip()
+        if line_end - at > MAX_CHUNK_LINE:
+            raise ValueError("a chunk-size line is too long")
+        size_text = bytes(data[at:line_end]).split(b";", 1)[0]
         if not _CHUNK_SIZE.fullmatch(size_text):
-            raise ValueError("invalid chunk size")
-        size = int(size_text, 16)
+            raise ValueError("a chunk size is not a hexadecimal number")
+        digits = size_text.lstrip(b"0")
+        if len(digits) > 16:
+            raise OverflowError(total)
+        size = int(digits or b"0", 16)
         if size == 0:
             trailer = line_end + 2
             while True:  # trailer fields, then the blank line
                 end = data.find(b"\r\n", trailer)
                 if end < 0:
+                    if len(data) - trailer > MAX_HEAD_BYTES:
+                        raise ValueError("the trailer is too long")
                     return -1, at, total
                 if end == trailer:
                     return end + 2, at, total
                 trailer = end + 2
-        total += size
-        if total > limit:
-            raise OverflowError(total)
+        if total + size > limit:
+            raise OverflowError(total + size)
         chunk_end = line_end + 2 + size
         if len(data) < chunk_end + 2:
-            return -1, at, total - size
+            return -1, at, total
         if data[chunk_end:chunk_end + 2] != b"\r\n":
-            raise ValueError("chunk data not followed by CRLF")
+            raise ValueError("chunk data is not followed by CRLF")
+        total += size
         at = chunk_end + 2
+
+
+def dechunked(data: bytes, at: int, end: int) -> bytes:
+    """The body of a chunked message whose framing chunked_end accepted (from `at`, its first size line, to `end`)."""
+    parts = []
+    while True:
+        line_end = data.index(b"\r\n", at)
+        size = int(data[at:line_end].split(b";", 1)[0].lstrip(b"0") or b"0", 16)
+        if size == 0:
+            return b"".join(parts)
+        parts.append(data[line_end + 2:line_end + 2 + size])
+        at = line_end + 2 + size + 2
+        if at > end:
+            raise ValueError("chunks past the end")
+
+
+def _bad_request(detail: str) -> _Refused:
+    return _Refused(problem_bytes(400, "Bad Request", detail))
 
 
 class _ErrorCapture:
@@ -199,43 +228,67 @@ class RequestBufferingWorker(ThreadWorker):
                     raise _Refused(problem_bytes(431, "Request Header Fields Too Large",
                                                  f"The request head is larger than {MAX_HEAD_BYTES} bytes"))
                 return False
-            if not self._read_head(conn, state, end):
-                return True
+            self._read_head(conn, state, end)
         if state.chunk_at >= 0:
             try:
                 end, state.chunk_at, state.chunk_total = chunked_end(state.data, state.chunk_at, state.chunk_total,
                                                                      self.max_body)
-            except ValueError:
-                return True  # malformed framing: the parser answers 400
+            except ValueError as e:
+                raise _bad_request(f"Invalid chunked body: {e}") from None
             except OverflowError:
-                raise _Refused(problem_bytes(413, "Request Entity Too Large",
-                                             f"Request body is larger than the limit of {self.max_body} bytes"))
-            return end >= 0
+                raise self._too_large() from None
+            if end >= 0:
+                self._as_content_length(state, end)
+                return True
+            return False
         return len(state.data) >= state.size
 
-    def _read_head(self, conn: Any, state: _Buffering, end: int) -> bool:
-        """Decide how the body is read once the head is here; False: hand the request to a thread as it is."""
+    def _read_head(self, conn: Any, state: _Buffering, end: int) -> None:
+        """Decide how the body is read once the head is here. The loop understands every framing it passes on: what
+        it does not (and what gunicorn would refuse anyway) it answers itself, so no thread ever reads a body."""
         head = bytes(state.data[:end + 2])
-        encoding = _TRANSFER_ENCODING.search(head)
-        length = _CONTENT_LENGTH.search(head)
+        encodings = _TRANSFER_ENCODING.findall(head)
+        lengths = _CONTENT_LENGTH.findall(head)
         expect = _EXPECT_CONTINUE.search(head)
+        if encodings and lengths:
+            raise _bad_request("A request may not carry both Transfer-Encoding and Content-Length")
+        if len(encodings) > 1 or len(lengths) > 1:
+            raise _bad_request("Transfer-Encoding or Content-Length is repeated")
+        if encodings and encodings[0].strip(b" \t").lower() != b"chunked":
+            raise _Refused(problem_bytes(501, "Not Implemented", "Transfer-Encoding must be chunked"))
         if expect:
             # Answered here; taken out so that gunicorn, which would answer it too, never sees it.
             del state.data[expect.start():expect.end()]
             end -= expect.end() - expect.start()
         state.head_end = end + len(HEAD_END)
-        if encoding:
-            if length or encoding.group(1).strip().lower() != b"chunked":
-                return False  # a framing gunicorn refuses or does not buffer: its parser answers
+        if encodings:
             state.chunk_at = state.head_end
         else:
-            body = int(length.group(1)) if length else 0
-            if body > self.max_body:
-                return False  # the application answers 413 without reading it
+            body = 0
+            if lengths:
+                value = lengths[0].strip(b" \t")
+                if not _DIGITS.fullmatch(value):
+                    raise _bad_request("Content-Length is not a number")
+                digits = value.lstrip(b"0")
+                if len(digits) > 19 or int(digits or b"0") > self.max_body:
+                    raise self._too_large()
+                body = int(digits or b"0")
             state.size = state.head_end + body
         if expect and (state.chunk_at >= 0 or state.size > state.head_end):
             self._send(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
-        return True
+
+    def _too_large(self) -> _Refused:
+        return _Refused(problem_bytes(413, "Request Entity Too Large",
+                                      f"Request body is larger than the limit of {self.max_body} bytes"))
+
+    @staticmethod
+    def _as_content_length(state: _Buffering, end: int) -> None:
+        """Hand gunicorn the chunked request as a Content-Length one: the loop has read and checked the framing,
+        so gunicorn's own chunk parser never runs on what a client sent."""
+        data = bytes(state.data)
+        body = dechunked(data, state.head_end, end)
+        head = _TRANSFER_ENCODING.sub(b"", data[:state.head_end - 2], count=1)
+        state.data = bytearray(head + b"Content-Length: %d\r\n\r\n" % len(body) + body + data[end:])
 
     def _charge(self, state: _Buffering) -> None:
         """Count what this request holds beyond its free allowance; refuse it when the worker's budget is spent."""
