@@ -219,7 +219,7 @@ class RequestBufferingWorker(ThreadWorker):
         return True
 
     def _complete(self, conn: Any, state: _Buffering) -> bool:
-        """Whether the request is complete, or must go to a thread as it is (the parser or the app answers it)."""
+        """Whether the request has fully arrived; _Refused for what the loop answers itself."""
         if state.head_end < 0:
             end = state.data.find(HEAD_END, max(0, state.searched - len(HEAD_END) + 1))
             state.searched = len(state.data)
