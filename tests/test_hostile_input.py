@@ -403,3 +403,36 @@ def test_a_request_id_outside_the_allowed_characters_is_replaced(client, request
                                         "123e4567-e89b-12d3-a456-426614174000"])
 def test_a_request_id_of_the_allowed_characters_is_kept(client, request_id):
     assert client.get("/healthz", headers={"X-Request-ID": request_id}).headers["X-Request-ID"] == request_id
+
+
+# ------------------------------------------------------------------------------------------------- audit trail
+def _audit_lines(caplog) -> list:
+    return [r for r in caplog.records if r.name == "trainingmgr.audit"]
+
+
+def test_every_write_logs_one_audit_line_without_secrets(client, caplog):
+    body = feature_group_body("audited_fg", token="very-secret-token-value")
+    with caplog.at_level("INFO", logger="trainingmgr.audit"):
+        assert client.post(FG_V1, json=body).status_code == 201
+        assert client.get(f"{FG_V1}/audited_fg").status_code == 200  # a read: no audit line
+        assert client.put(f"{FG_V1}/audited_fg", json={**body, "token": "****", "host": "other.svc"}).status_code \
+            == 400
+        assert client.delete(f"{JOBS}/999").status_code == 404
+    lines = _audit_lines(caplog)
+    assert [(r.method, r.route, r.outcome, r.status) for r in lines] == [
+        ("POST", FG_V1, "done", 201),
+        ("PUT", f"{FG_V1}/<featuregroup_name>", "refused", 400),
+        ("DELETE", f"{JOBS}/<int:training_job_id>", "refused", 404),
+    ]
+    assert all(r.principal == "anonymous" for r in lines)
+    assert lines[0].object["created"].endswith("/featureGroup/audited_fg")
+    assert lines[1].object == {"featuregroup_name": "audited_fg"}
+    assert lines[2].object == {"training_job_id": "999"}
+    assert "very-secret-token-value" not in caplog.text
+
+
+def test_an_audit_line_is_bounded_whatever_the_path(client, caplog):
+    with caplog.at_level("INFO", logger="trainingmgr.audit"):
+        client.put(f"{FG_V1}/{'n' * 5000}", json=feature_group_body("x"))
+    (line,) = _audit_lines(caplog)
+    assert len(line.object["featuregroup_name"]) == 64

@@ -46,8 +46,33 @@ def configure_logging(level: str) -> None:
         root.addHandler(handler)
 
 
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+ANONYMOUS = "anonymous"
+
+
+def audit_fields(response: Response) -> dict[str, object]:
+    """The audit line of a write: who (the principal authentication set on `g`, else anonymous), which route and
+    object (the path's parameters, or the Location of what was created), and the outcome. Never a body, so never a
+    token or another secret; values are bounded so that a client cannot make the line long."""
+    rule = request.url_rule.rule if request.url_rule is not None else None
+    target = {name: str(value)[:64] for name, value in (request.view_args or {}).items()}
+    created = response.headers.get("Location")
+    if created:
+        target["created"] = created[:200]
+    status = response.status_code
+    return {
+        "principal": str(g.get("principal") or ANONYMOUS)[:128],
+        "method": request.method,
+        "route": rule,
+        "object": target,
+        "status": status,
+        "outcome": "done" if status < 400 else ("refused" if status < 500 else "failed"),
+    }
+
+
 def install_request_logging(app: Flask) -> None:
     access = logging.getLogger("trainingmgr.access")
+    audit = logging.getLogger("trainingmgr.audit")
 
     @app.before_request
     def _start() -> None:
@@ -71,4 +96,6 @@ def install_request_logging(app: Flask) -> None:
                     "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                 },
             )
+        if request.method not in READ_METHODS:
+            audit.info("write", extra=audit_fields(response))
         return response

@@ -15,7 +15,7 @@ from ..config import Settings
 from ..errors import BadGateway, BadRequest, NotFound, ValidationFailed
 from ..models import FeatureGroup, Model, TrainingJob
 from ..models.feature_group import split_names
-from ..workers.queue import EXTRACT, START_RUN, WATCH_RUN, WorkQueue, utcnow
+from ..workers.queue import EXTRACT, WATCH_RUN, WorkQueue, utcnow
 from . import lifecycle as lc
 from .pagination import Page, PageRequest
 from .transitions import JobTransitions
