@@ -26,7 +26,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainingmgr.serving import wait_until_ready  # noqa: E402
+from tests.processes import assert_ready, free_port, started  # noqa: E402
 
 READ_TIMEOUT = 5
 PLAIN_GTHREAD = """
@@ -40,12 +40,6 @@ app.run()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server(kind: str, folder: Path) -> Iterator[str]:
     port = free_port()
@@ -55,20 +49,11 @@ def server(kind: str, folder: Path) -> Iterator[str]:
     subprocess.run([sys.executable, "-m", "trainingmgr", "db", "upgrade"], env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     argv = [sys.executable, "-m", "trainingmgr", "serve"] if kind == "serve" else [sys.executable, "-c", PLAIN_GTHREAD]
-    with open(folder / f"{kind}.log", "ab") as log:
-        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
+    log = folder / f"{kind}.log"
+    with started(argv, log_path=log, env=env) as process:
         url = f"http://127.0.0.1:{port}"
-        if not wait_until_ready(url, time.monotonic() + 120, alive=lambda: process.poll() is None):
-            raise SystemExit(f"{kind}: not ready; see {folder / (kind + '.log')}")
+        assert_ready(url, process, 120, log)
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def timed_gets(url: str, path: str, times: int = 10) -> list[float]:

@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import ClientDisconnected, HTTPException
+from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +183,7 @@ def register_error_handlers(app: Flask) -> None:
             detail = f"Method {request.method} is not allowed on {request.path}"
         elif status == 413:
             detail = f"Request body is larger than the limit of {request.max_content_length} bytes"
-        title = error.name
-        if isinstance(error, ClientDisconnected) and isinstance(error.__context__, TimeoutError | BlockingIOError):
-            # The socket's receive timeout (TM_REQUEST_READ_TIMEOUT, set by the serving worker) ran out mid-body.
-            status, title = 408, "Request Timeout"
-            detail = "The request body did not arrive within the read timeout"
-        response = problem_response(status, title, detail)
+        response = problem_response(status, error.name, detail)
         if status == 405 and getattr(error, "valid_methods", None):
             response.headers["Allow"] = ", ".join(error.valid_methods)
         return response

@@ -17,7 +17,8 @@ Content-Length, or either header repeated, is a 400/501; a body (announced or ch
 has taken the chunks apart), so gunicorn's chunk parser never sees what a client sent. The bytes buffered beyond
 the first 64 KiB of each request count against a budget of 4 x TM_MAX_BODY_BYTES per worker: a request that would
 go over it is a 503 (Retry-After), so memory stays bounded however many clients upload at once. After answers that
-leave a body unread (408, 413, 415) the connection is closed.
+leave a body unread (408, 413, 415) the connection is closed. (TLS and HTTP/2, which `serve` does not configure, and
+requests arriving while the worker stops, go to a thread as gunicorn has them.)
 
 This relies on gunicorn's gthread internals (TConn, the poller, enqueue_req, murder_pending): gunicorn is pinned,
 and tests/test_slow_clients.py fails if an upgrade changes them.
@@ -27,8 +28,6 @@ from __future__ import annotations
 import json
 import re
 import selectors
-import socket
-import struct
 import time
 from functools import partial
 from typing import Any, Callable, Iterable
@@ -180,7 +179,7 @@ class RequestBufferingWorker(ThreadWorker):
     # ------------------------------------------------------------------ the loop's side
     def enqueue_req(self, conn: Any) -> None:
         if self.cfg.is_ssl or conn.is_http2 or not self.alive:
-            return self._to_thread(conn)
+            return super().enqueue_req(conn)
         # Pipelined bytes the parser read ahead (behind the previous request) start this request.
         early = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
         state = _Buffering(time.monotonic() + self.read_timeout, early)
@@ -315,18 +314,6 @@ class RequestBufferingWorker(ThreadWorker):
         self._forget(conn)
         conn.tm_prebuffered = bytes(state.data)
         conn.data_ready = True
-        self._to_thread(conn)
-
-    def _to_thread(self, conn: Any) -> None:
-        if not getattr(conn, "tm_receive_timeout", False):
-            # A read a thread still makes (a body announced over the limit, TLS) gives up after the read timeout.
-            seconds = int(self.read_timeout)
-            microseconds = int((self.read_timeout - seconds) * 1e6)
-            try:
-                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, microseconds))
-            except OSError:
-                pass
-            conn.tm_receive_timeout = True
         super().enqueue_req(conn)
 
     def _drop(self, conn: Any, answer: bytes = b"") -> None:

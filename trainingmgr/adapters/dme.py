@@ -8,7 +8,7 @@ import requests
 
 from ..models.feature_group import split_names
 from .base import AdapterError
-from .outbound import OutboundDenied, OutboundPolicy, guarded_session
+from .outbound import OutboundDenied, OutboundPolicy, guarded_session, http_url
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ class DmeClient:
 
     @staticmethod
     def url(fg: Any) -> str:
-        host = f"[{fg.host}]" if ":" in fg.host else fg.host  # an IPv6 literal; the service checked the host
-        return f"http://{host}:{int(fg.dme_port)}/data-consumer/v1/info-jobs/{fg.name}"
+        # The service checked the host when the feature group was stored.
+        return f"{http_url(fg.host, int(fg.dme_port))}/data-consumer/v1/info-jobs/{fg.name}"
 
     def _call(self, method: str, fg: Any, ok: tuple[int, ...], **kwargs: Any) -> int:
         try:

@@ -21,9 +21,7 @@ or organisation), 400 (query) and other answers, a Flux error inside the answer 
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import logging
-import re
 import socket
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -35,7 +33,7 @@ from influxdb_client.client.flux_csv_parser import FluxCsvParserException, FluxQ
 from influxdb_client.rest import ApiException
 
 from .base import AdapterError
-from .outbound import OutboundDenied, OutboundPolicy, guard_pool_manager
+from .outbound import OutboundDenied, OutboundPolicy, guard_pool_manager, http_url, parse_host, parse_port
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +45,6 @@ FLUX_QUERY = (
     "  |> keep(columns: tm_columns)"
 )
 BUCKET_PARAM, MEASUREMENT_PARAM, COLUMNS_PARAM = "tm_bucket", "tm_measurement", "tm_columns"
-
-_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})")
-
 
 class MissingColumns(AdapterError):
     """The measurement has rows, but some asked-for columns never appeared in them."""
@@ -70,17 +65,14 @@ def influx_url(source: Mapping[str, Any]) -> str:
     port = str(source.get("port") or "").strip()
     if not host:
         raise _bad("the feature group's InfluxDB host is empty")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
     try:
-        address = ipaddress.ip_address(host)
-        host = f"[{address}]" if address.version == 6 else str(address)
+        host, _address = parse_host(host)
     except ValueError:
-        if not _HOSTNAME.fullmatch(host):
-            raise _bad(f"the feature group's InfluxDB host {host!r} is not a host name or IP address") from None
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise _bad(f"the feature group's InfluxDB port {port!r} is not a port number")
-    return f"http://{host}:{int(port)}"
+        raise _bad(f"the feature group's InfluxDB host {host!r} is not a host name or IP address") from None
+    try:
+        return http_url(host, parse_port(port))
+    except ValueError:
+        raise _bad(f"the feature group's InfluxDB port {port!r} is not a port number") from None
 
 
 def query_params(bucket: str, measurement: str, columns: Sequence[str]) -> dict[str, Any]:

@@ -100,6 +100,11 @@ def parse_port(text: Any) -> int:
     return int(value)
 
 
+def http_url(host: str, port: int) -> str:
+    """http://host:port of a host parse_host accepted (an IPv6 address goes in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def parse_url(url: str) -> Endpoint:
     """The endpoint of an http(s) URL with a strict host; ValueError for anything else."""
     parts = urlsplit(url) if isinstance(url, str) else None
@@ -278,7 +283,6 @@ def guarded_pool_classes(policy: OutboundPolicy) -> dict[str, type]:
 def guard_pool_manager(pool_manager: Any, policy: OutboundPolicy) -> None:
     """Make a urllib3 PoolManager (requests', influxdb-client's) connect through the policy."""
     pool_manager.pool_classes_by_scheme = guarded_pool_classes(policy)
-    pool_manager.key_fn_by_scheme = dict(pool_manager.key_fn_by_scheme)
 
 
 def guarded_session(policy: OutboundPolicy) -> Any:

@@ -217,8 +217,7 @@ class FeatureGroupService:
             # A source that does not read them keeps none of them (nor a secret it would never use).
             data = {**data, **dict.fromkeys(unused, "")}
             keep_token = False
-        if data["host"] or data["enable_dme"]:
-            data = {**data, "host": self._check_destination(data)}
+        data = {**data, "host": self._check_destination(data)}
         fg.feature_list = data["feature_list"]
         fg.datalake_source = data["datalake_source"]
         fg.host = data["host"]

@@ -43,6 +43,13 @@ def featurepath(job: TrainingJob) -> str:
     return f"{job.feature_group.name}_{job.id}"
 
 
+def remove_job_files(adapters: Any, run_id: str | None, path: str) -> None:
+    """What a job created outside the database: its run's folder (the run is stopped first) and its dataset."""
+    if run_id:
+        adapters.engine.cleanup(run_id)
+    adapters.extractor.remove(path)
+
+
 class Adapters(Protocol):
     """What the service reaches outside (the Container provides them, each built on first use)."""
 
@@ -262,9 +269,7 @@ class TrainingJobService:
         self.session.delete(job)
         self.session.commit()
         # What the job created outside the database, after the row is gone (a failure here leaves only files).
-        if run_id:
-            self.adapters.engine.cleanup(run_id)
-        self.adapters.extractor.remove(path)
+        remove_job_files(self.adapters, run_id, path)
         if delete_model:
             from ..adapters.object_store import model_key
 

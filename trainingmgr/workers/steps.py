@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session
 
 from ..adapters.base import AdapterError, ExtractionRequest, RunStatus
 from ..adapters.object_store import model_key
-from ..models import PipelineVersion, TrainingJob, WorkItem
+from ..models import PipelineVersion, TrainingJob
 from ..services import lifecycle as lc
-from ..services.training_jobs import featurepath
+from ..services.training_jobs import featurepath, remove_job_files
 from ..services.transitions import JobTransitions
 from .queue import EXTRACT, NOTIFY, START_RUN, WATCH_RUN, Claim, WorkQueue, utcnow
 
@@ -109,11 +109,9 @@ class StepExecutor:
             self._remove_files(job)
 
     def _remove_files(self, job: TrainingJob) -> None:
-        """A failed job keeps its record, not its files: the run's folder and its dataset go (as on delete)."""
+        """A failed job keeps its record, not its files (as on delete)."""
         try:
-            if job.run_id:
-                self.container.engine.cleanup(job.run_id)
-            self.container.extractor.remove(featurepath(job))
+            remove_job_files(self.container, job.run_id, featurepath(job))
         except (AdapterError, OSError) as e:
             log.warning("files of a failed job not removed", extra={"trainingjob_id": job.id, "error": str(e)})
 
@@ -362,13 +360,7 @@ class StepExecutor:
 
     # -------------------------------------------------------------------------------------- notify the rApp
     def notify(self, claim: Claim) -> None:
-        older = self.session.scalar(
-            select(WorkItem.id).where(WorkItem.job_id == claim.job_id, WorkItem.kind == NOTIFY,
-                                      WorkItem.id < claim.id).limit(1)
-        )
-        if older is not None:
-            # Notifications of one job go out in order: wait for the one before.
-            return self._later(claim, 0.05, count_attempt=False)
+        # In order per job: WorkQueue.claim hands out only a job's oldest pending notification.
         payload = claim.payload
         self.session.commit()  # no transaction (on SQLite: no write lock) held while the receiver takes its time
         delivered = self.container.notifier.send(payload["url"], payload["body"], payload["delivery_id"])
