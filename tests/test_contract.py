@@ -12,7 +12,7 @@ from trainingmgr.config import Settings
 
 HTTP_METHODS = {"get", "put", "post", "delete", "patch"}
 # Routes that are not API operations: Swagger UI's own assets.
-UNDOCUMENTED_ENDPOINTS = {"static", "docs.apidocs_asset", "docs.apidocs_init"}
+UNDOCUMENTED_ENDPOINTS = {"docs.apidocs_asset", "docs.apidocs_init"}
 
 
 def load_spec() -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -76,7 +77,8 @@ def serve(host: str | None, port: int | None, workers: int | None, demo: bool) -
     """Bring the database schema up to date, then serve with gunicorn."""
     settings = _settings(host=host, port=port, workers=workers)
     if demo:
-        sys.exit(_serve_with_demo(settings))
+        sys.exit(_serve_with_demo(settings, _demo_token(settings, None)))
+    _check_security(settings)
     # Once, before any worker starts: workers never race on the schema. The master builds no app and starts no
     # thread: see trainingmgr.serving.
     upgrade_database_in_child()
@@ -96,7 +98,38 @@ def _settings(**overrides: Any) -> Settings:
     return settings
 
 
-def _serve_with_demo(settings: Settings) -> int:
+def _check_security(settings: Settings) -> None:
+    """Before serving: a token file that is not there stops the start; an open API on a network says so."""
+    import ipaddress
+    import logging
+
+    from .logs import configure_logging
+
+    if settings.auth == "token" and not settings.tokens_path.is_file():
+        raise click.ClickException(f"TM_AUTH=token but the token file {settings.tokens_path} does not exist: make "
+                                   "a token with `trainingmgr auth add-token NAME ROLE` (or set TM_AUTH_TOKENS_FILE)")
+    try:
+        loopback = settings.host == "localhost" or ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:  # a host name: it may well be reachable from elsewhere
+        loopback = False
+    if settings.auth == "none" and not loopback:
+        configure_logging(settings.log_level)
+        logging.getLogger("trainingmgr.security").warning(
+            "listening on %s without authentication (TM_AUTH=none): anyone who can reach port %d may create, change "
+            "and delete feature groups, training jobs and models; see 'Securing the service' in the README",
+            settings.host, settings.port)
+
+
+def _demo_token(settings: Settings, token: str | None) -> str | None:
+    """The token the demo sends (--token, else TM_TOKEN); a service that asks for one cannot be demoed without."""
+    token = token or os.environ.get("TM_TOKEN") or None
+    if settings.auth != "none" and token is None:
+        raise click.ClickException(f"TM_AUTH={settings.auth}: the demo needs a writer's token in TM_TOKEN (or "
+                                   "--token); make one with `trainingmgr auth add-token demo writer`")
+    return token
+
+
+def _serve_with_demo(settings: Settings, token: str | None) -> int:
     """`serve --demo`: this process runs the demo, an HTTP client of the server it starts as its child."""
     from .demo import Demo
     from .serving import ServerProcess
@@ -110,7 +143,7 @@ def _serve_with_demo(settings: Settings) -> int:
             click.echo(f"demo FAILED: the service did not become ready within {READY_SECONDS} s "
                        "(its log is above); stopping it", err=True)
             return 1
-        if not Demo(server.url, settings.data_path / "demo", echo=click.echo).run():
+        if not Demo(server.url, settings.data_path / "demo", echo=click.echo, token=token).run():
             click.echo("demo FAILED (see above); stopping the service", err=True)
             return 1
         passed = True
@@ -125,7 +158,9 @@ def _serve_with_demo(settings: Settings) -> int:
 @cli.command("demo")
 @click.option("--url", default=None, help="A running service; without it, one is started for the demo.")
 @click.option("--timeout", type=float, default=300, help="Seconds each training may take.")
-def demo(url: str | None, timeout: float) -> None:
+@click.option("--token", default=None, envvar="TM_TOKEN", show_envvar=True,
+              help="A writer's API token or JWT, sent as Authorization: Bearer.")
+def demo(url: str | None, timeout: float, token: str | None) -> None:
     """Train the bundled example end to end: feature group, pipelines, training, Model.zip, retraining."""
     import socket
 
@@ -135,6 +170,7 @@ def demo(url: str | None, timeout: float) -> None:
     settings = _settings()
     server = None
     if url is None:
+        token = _demo_token(settings, token)  # the service started here asks for one as TM_AUTH says
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -143,11 +179,64 @@ def demo(url: str | None, timeout: float) -> None:
     try:
         if server is not None and not server.wait_ready(READY_SECONDS):
             raise click.ClickException("the service started for the demo did not become ready")
-        ok = Demo(url, settings.data_path / "demo", echo=click.echo, job_timeout=timeout).run()
+        ok = Demo(url, settings.data_path / "demo", echo=click.echo, job_timeout=timeout, token=token).run()
     finally:
         if server is not None:
             server.stop()
     sys.exit(0 if ok else 1)
+
+
+@cli.group("auth")
+def auth() -> None:
+    """Static API tokens (TM_AUTH=token) in TM_AUTH_TOKENS_FILE; the service rereads the file when it changes."""
+
+
+@auth.command("add-token")
+@click.argument("name")
+@click.argument("role")
+def add_token(name: str, role: str) -> None:
+    """Make a token for NAME with ROLE (reader, writer, admin, or a name TM_AUTH_ROLE_MAP maps): the token is
+    printed once, only its SHA-256 is kept."""
+    from .adapters.api_tokens import add_token as append_token
+    from .adapters.base import RoleMap
+
+    settings = _settings()
+    try:
+        token = append_token(settings.tokens_path, name, role, RoleMap(settings.auth_role_map))
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"token {name} ({role}) added to {settings.tokens_path}; it is shown only now:", err=True)
+    click.echo(token)
+
+
+@auth.command("list-tokens")
+def list_tokens() -> None:
+    """The names and roles of the tokens (never a token: the file does not hold them)."""
+    from .adapters.api_tokens import read_token_file
+
+    settings = _settings()
+    try:
+        entries = read_token_file(settings.tokens_path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.ClickException(f"{settings.tokens_path}: {e}") from None
+    for entry in entries:
+        click.echo(f"{entry.name}\t{entry.role}")
+
+
+@auth.command("remove-token")
+@click.argument("name")
+def remove_token(name: str) -> None:
+    """Revoke the token of NAME (the service stops accepting it as soon as it sees the file changed)."""
+    from .adapters.api_tokens import remove_token as drop_token
+
+    settings = _settings()
+    try:
+        removed = drop_token(settings.tokens_path, name)
+    except OSError as e:
+        raise click.ClickException(f"{settings.tokens_path}: {e}") from None
+    if not removed:
+        raise click.ClickException(f"no token named {name!r} in {settings.tokens_path}")
+    click.echo(f"token {name} removed from {settings.tokens_path}")
 
 
 @cli.command("worker")

@@ -124,6 +124,76 @@ class Settings:
         },
     )
 
+    auth: str = field(
+        default="none",
+        metadata={
+            "env": "TM_AUTH",
+            "doc": "who may call the API: none (anyone, as the framework's clients expect), token (static API tokens "
+            "from TM_AUTH_TOKENS_FILE) or oidc (JWTs of TM_OIDC_ISSUER); see Securing the service",
+        },
+    )
+    auth_tokens_file: str = field(
+        default="",
+        metadata={
+            "env": "TM_AUTH_TOKENS_FILE",
+            "doc": "TM_AUTH=token: the file of `NAME ROLE SHA256` lines (`trainingmgr auth add-token` writes it; "
+            "reread when it changes); empty means <TM_DATA_DIR>/api-tokens",
+        },
+    )
+    auth_role_map: str = field(
+        default="",
+        metadata={
+            "env": "TM_AUTH_ROLE_MAP",
+            "doc": "comma-separated NAME=ROLE pairs mapping the role names of tokens and JWT claims to the API's "
+            "roles reader, writer and admin (which always map to themselves), e.g. tm-admin=admin",
+        },
+    )
+    oidc_issuer: str = field(
+        default="",
+        metadata={
+            "env": "TM_OIDC_ISSUER",
+            "doc": "TM_AUTH=oidc: the issuer URL tokens must name in `iss` (Keycloak: https://HOST/realms/REALM)",
+        },
+    )
+    oidc_audience: str = field(
+        default="", metadata={"env": "TM_OIDC_AUDIENCE", "doc": "TM_AUTH=oidc: the audience tokens must name in `aud`"}
+    )
+    oidc_jwks_url: str = field(
+        default="",
+        metadata={
+            "env": "TM_OIDC_JWKS_URL",
+            "doc": "TM_AUTH=oidc: where the issuer's signing keys are; empty means the jwks_uri of "
+            "<TM_OIDC_ISSUER>/.well-known/openid-configuration",
+        },
+    )
+    oidc_roles_claim: str = field(
+        default="realm_access.roles",
+        metadata={
+            "env": "TM_OIDC_ROLES_CLAIM",
+            "doc": "TM_AUTH=oidc: the claim (a dotted path) holding the caller's role names, e.g. "
+            "resource_access.trainingmgr.roles for Keycloak client roles",
+        },
+    )
+    metrics_auth: bool = field(
+        default=False,
+        metadata={"env": "TM_METRICS_AUTH", "doc": "true: /metrics needs a reader credential like any read"},
+    )
+    callback_auth: str = field(
+        default="none",
+        metadata={
+            "env": "TM_CALLBACK_AUTH",
+            "doc": "none: the data-extraction and pipeline callbacks need no credential (the framework's senders "
+            "have none; a callback only wakes the job up); role: they need a writer credential like any write",
+        },
+    )
+    callback_allowed_networks: str = field(
+        default="",
+        metadata={
+            "env": "TM_CALLBACK_ALLOWED_NETWORKS",
+            "doc": "comma-separated CIDRs the callbacks are accepted from (403 from elsewhere); empty means any",
+        },
+    )
+
     advertised_url: str = field(
         default="",
         metadata={
@@ -313,8 +383,48 @@ class Settings:
             raise SettingsError("TM_SOURCE_UNREACHABLE_TIMEOUT must not be negative")
         if self.max_concurrent_runs < 1 or self.worker_threads < 1 or self.notify_threads < 1:
             raise SettingsError("TM_MAX_CONCURRENT_RUNS, TM_WORKER_THREADS and TM_NOTIFY_THREADS must be at least 1")
+        self._validate_auth()
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise SettingsError(f"TM_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}")
+
+    def _validate_auth(self) -> None:
+        if self.auth not in ("none", "token", "oidc"):
+            raise SettingsError(f"TM_AUTH must be one of none, token, oidc, not {self.auth!r}")
+        if self.callback_auth not in ("none", "role"):
+            raise SettingsError(f"TM_CALLBACK_AUTH must be none or role, not {self.callback_auth!r}")
+        if self.callback_auth == "role" and self.auth == "none":
+            raise SettingsError("TM_CALLBACK_AUTH=role needs TM_AUTH=token or oidc (there is no credential to ask for)")
+        if self.metrics_auth and self.auth == "none":
+            raise SettingsError("TM_METRICS_AUTH=true needs TM_AUTH=token or oidc (there is no credential to ask for)")
+        if self.auth == "oidc":
+            if not self.oidc_issuer.startswith(("https://", "http://")):
+                raise SettingsError("TM_AUTH=oidc needs TM_OIDC_ISSUER, an http(s) URL")
+            if not self.oidc_audience:
+                raise SettingsError("TM_AUTH=oidc needs TM_OIDC_AUDIENCE")
+            if self.oidc_jwks_url and not self.oidc_jwks_url.startswith(("https://", "http://")):
+                raise SettingsError("TM_OIDC_JWKS_URL must be an http(s) URL")
+        from .adapters.base import RoleMap  # parsing only
+
+        try:
+            RoleMap(self.auth_role_map)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
+        try:
+            self.callback_networks  # noqa: B018 - parsed to validate
+        except ValueError as e:
+            raise SettingsError(f"TM_CALLBACK_ALLOWED_NETWORKS: {e}") from None
+
+    @cached_property
+    def callback_networks(self) -> list[Any]:
+        """TM_CALLBACK_ALLOWED_NETWORKS as ip_network objects (empty: any address)."""
+        import ipaddress
+
+        return [ipaddress.ip_network(n.strip(), strict=False)
+                for n in self.callback_allowed_networks.split(",") if n.strip()]
+
+    @property
+    def tokens_path(self) -> Path:
+        return Path(self.auth_tokens_file) if self.auth_tokens_file else self.data_path / "api-tokens"
 
     @cached_property  # resolved once: services built per request use it
     def data_path(self) -> Path:

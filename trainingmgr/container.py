@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 
+from .adapters.base import RoleMap
 from .config import Settings
 from .extensions import db
 from .secrets import TokenCipher
 from .services.feature_groups import FeatureGroupService
 
 if TYPE_CHECKING:
-    from .adapters.base import DataExtractor, Notifier, ObjectStore, PipelineEngine
+    from .adapters.base import Authenticator, DataExtractor, Notifier, ObjectStore, PipelineEngine
     from .adapters.dme import DmeClient
     from .adapters.mme import MmeClient
     from .adapters.outbound import OutboundPolicy
@@ -122,6 +123,22 @@ class Container:
 
         return HttpNotifier(timeout=self.settings.notify_timeout, hmac_key=self.settings.notify_hmac_key,
                             outbound=self.outbound)
+
+    @cached_property
+    def authenticator(self) -> "Authenticator | None":
+        """The authenticator TM_AUTH chooses; None when the API is open (TM_AUTH=none)."""
+        s = self.settings
+        role_map = RoleMap(s.auth_role_map)
+        if s.auth == "token":
+            from .adapters.api_tokens import StaticTokenAuthenticator
+
+            return StaticTokenAuthenticator(s.tokens_path, role_map)
+        if s.auth == "oidc":
+            from .adapters.oidc import OidcAuthenticator
+
+            return OidcAuthenticator(s.oidc_issuer, s.oidc_audience, role_map, roles_claim=s.oidc_roles_claim,
+                                     jwks_url=s.oidc_jwks_url, timeout=s.http_timeout)
+        return None
 
     # ------------------------------------------------------------------ services (share the request's session)
     def feature_groups(self) -> FeatureGroupService:

@@ -24,23 +24,32 @@ PIPELINES = {"demo_qoe_training": "qoe_training.yaml", "demo_qoe_retraining": "q
 JOBS = "/ai-ml-model-training/v1/training-jobs"
 TIMEOUT = 10  # seconds for each request
 
+AUTH_HINTS = {
+    401: " (the service asks for a credential: pass --token or set TM_TOKEN to a writer's token)",
+    403: " (the token's role may not do this: the demo needs a writer's token)",
+}
+
 
 class DemoFailed(Exception):
     pass
 
 
 class Demo:
-    def __init__(self, base_url: str, out_dir: Path, echo: Callable[[str], None] = print, job_timeout: float = 300):
+    def __init__(self, base_url: str, out_dir: Path, echo: Callable[[str], None] = print, job_timeout: float = 300,
+                 token: str | None = None):
         self.base = base_url.rstrip("/")
         self.out_dir = out_dir
         self.echo = echo
         self.job_timeout = job_timeout
         self.http = requests.Session()
+        if token:
+            self.http.headers["Authorization"] = f"Bearer {token}"
 
     def _call(self, method: str, path: str, expect: tuple[int, ...], **kwargs: Any) -> requests.Response:
         response = self.http.request(method, self.base + path, timeout=TIMEOUT, **kwargs)
         if response.status_code not in expect:
-            raise DemoFailed(f"{method} {path} answered {response.status_code}: {response.text[:500]}")
+            hint = AUTH_HINTS.get(response.status_code, "")
+            raise DemoFailed(f"{method} {path} answered {response.status_code}{hint}: {response.text[:500]}")
         return response
 
     def feature_group(self) -> None:

@@ -29,6 +29,7 @@ class ApiError(Exception):
         self.detail = detail
         self.errors = errors
         self.extra = extra or {}
+        self.headers: dict[str, str] = {}  # response headers the answer carries
 
 
 class BadRequest(ApiError):
@@ -44,6 +45,27 @@ class ValidationFailed(BadRequest):
         if detail is None:
             detail = "Invalid request: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in flat.items())
         super().__init__(detail, errors=flat)
+
+
+class Unauthorized(ApiError):
+    """No credential, or one that is not valid (RFC 6750: the challenge says which)."""
+
+    status = 401
+    title = "Unauthorized"
+
+    def __init__(self, detail: str, *, invalid_token: bool = False):
+        super().__init__(detail)
+        challenge = 'Bearer realm="trainingmgr"'
+        if invalid_token:
+            challenge += ', error="invalid_token"'
+        self.headers = {"WWW-Authenticate": challenge}
+
+
+class Forbidden(ApiError):
+    """A valid credential without the role the operation needs, or a caller from a network that may not call."""
+
+    status = 403
+    title = "Forbidden"
 
 
 class NotFound(ApiError):
@@ -160,6 +182,7 @@ def problem_response(status: int, title: str, detail: str, **members: Any) -> Re
 
 def _problem_of(error: ApiError) -> Response:
     response = problem_response(error.status, error.title, error.detail, errors=error.errors, **error.extra)
+    response.headers.update(error.headers)
     retry_after = getattr(error, "retry_after", None)
     if retry_after:
         response.headers["Retry-After"] = str(int(retry_after))

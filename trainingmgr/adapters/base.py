@@ -138,3 +138,58 @@ class Notifier(abc.ABC):
     @abc.abstractmethod
     def send(self, url: str, body: Any, delivery_id: str) -> bool:
         """POST body to url once (bounded time). True when the receiver answered 200."""
+
+
+# ------------------------------------------------------------------------------------------- identity
+# The roles of the API, each including the ones before it: a writer may read, an admin may do anything.
+READER, WRITER, ADMIN = "reader", "writer", "admin"
+ROLES = (READER, WRITER, ADMIN)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who sent a request: a token's name or a JWT's `sub`, and the roles its credential carries."""
+
+    name: str
+    roles: frozenset[str]
+
+    def may(self, role: str) -> bool:
+        """True when one of the principal's roles includes `role`."""
+        needed = ROLES.index(role)
+        return any(ROLES.index(r) >= needed for r in self.roles)
+
+
+class InvalidCredentials(Exception):
+    """The credential is not one this service accepts (unknown, expired, badly signed ...). The message says why,
+    for the log and the answer; it never quotes the credential."""
+
+
+class IdentityProviderUnavailable(Exception):
+    """The credential cannot be checked now (the identity provider's keys cannot be fetched): try again later."""
+
+
+class Authenticator(abc.ABC):
+    """Turns the credential of an `Authorization: Bearer` header into a Principal."""
+
+    @abc.abstractmethod
+    def authenticate(self, credential: str) -> Principal:
+        """The principal of `credential`; InvalidCredentials or IdentityProviderUnavailable otherwise."""
+
+
+class RoleMap:
+    """Maps the role names credentials carry (a token file's roles, a JWT's role claim) to the API's roles: each
+    API role maps to itself, and TM_AUTH_ROLE_MAP adds `external=role` pairs (e.g. `tm-admin=admin`)."""
+
+    def __init__(self, spec: str = ""):
+        self.names: dict[str, str] = {role: role for role in ROLES}
+        for pair in (p.strip() for p in spec.split(",")):
+            if not pair:
+                continue
+            external, sep, role = (part.strip() for part in pair.partition("="))
+            if not sep or not external or role not in ROLES:
+                raise ValueError(f"TM_AUTH_ROLE_MAP: {pair!r} is not NAME=ROLE with ROLE one of {', '.join(ROLES)}")
+            self.names[external] = role
+
+    def roles_of(self, names: Any) -> frozenset[str]:
+        """The API roles of an iterable of role names; names this map does not know are ignored."""
+        return frozenset(self.names[n] for n in names if isinstance(n, str) and n in self.names)

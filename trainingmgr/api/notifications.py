@@ -23,6 +23,7 @@ def data_extraction_notification():
 @bp.post("/trainingjob/pipelineNotification")
 def pipeline_notification():
     data = load(_pipeline_schema, json_body())
-    result = services().training_jobs().on_pipeline_status(int(data["trainingjob_id"]), data["run_status"])
+    result = services().training_jobs().on_pipeline_status(int(data["trainingjob_id"]), data["run_status"],
+                                                           data.get("run_id"))
     services().wake_workers()
     return {"result": result}

@@ -287,12 +287,15 @@ class TrainingJobService:
         self.session.commit()
         return f"Training job {job_id}: pipeline will be scheduled"
 
-    def on_pipeline_status(self, job_id: int, run_status: str) -> str:
+    def on_pipeline_status(self, job_id: int, run_status: str, run_id: str | None = None) -> str:
         job = self._callback_job(job_id)
         state = run_status.strip().upper()
         steps = lc.ordered(job.steps_state)
         if steps[lc.TRAINING] != lc.IN_PROGRESS:
             return f"Training job {job_id}: nothing to do (training is {steps[lc.TRAINING]})"
+        if run_id is not None and run_id != job.run_id:
+            # About another run (an old one, or made up): this job's run is not looked at sooner for it.
+            return f"Training job {job_id}: nothing to do (run {run_id} is not the job's current run)"
         if state in lc.RUN_SUCCEEDED or state in lc.RUN_FAILED:
             # A wake-up, never a verdict (anyone may post it): the watch step asks the engine how the run ended,
             # then collects the model or fails the job (and removes its files); bring it forward.

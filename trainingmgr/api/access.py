@@ -1,0 +1,127 @@
+"""Who may call which route: one table, checked before any handler runs (so a refused request never has its
+body parsed).
+
+Each endpoint needs one of: OPEN (anyone: probes, the contract, Swagger UI), READER, WRITER, ADMIN (each role
+includes the ones before it), CALLBACK (the data-extraction and pipeline callbacks: open unless
+TM_CALLBACK_AUTH=role makes them need a writer, and only from TM_CALLBACK_ALLOWED_NETWORKS when set), or METRICS
+(open unless TM_METRICS_AUTH=true makes it need a reader). An endpoint missing from the table needs ADMIN (and
+the error log says so): a new route is closed until someone decides who may call it.
+
+With TM_AUTH=none nobody is asked for a credential: the roles are not checked, only the callback networks.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from flask import g, request
+
+from ..adapters.base import (ADMIN, READER, WRITER, Authenticator, IdentityProviderUnavailable, InvalidCredentials,
+                             Principal)
+from ..errors import Forbidden, ServiceUnavailable, Unauthorized
+from .common import services
+
+log = logging.getLogger(__name__)
+
+OPEN, CALLBACK, METRICS = "open", "callback", "metrics"
+MAX_CREDENTIAL_LENGTH = 16 * 1024  # a JWT with many roles is a few KiB; anything far longer is not a credential
+
+ROUTE_ACCESS: dict[str, str] = {
+    "health.healthz": OPEN,
+    "health.readyz": OPEN,
+    "docs.swagger_yaml": OPEN,
+    "docs.apidocs": OPEN,
+    "docs.apidocs_init": OPEN,
+    "docs.apidocs_asset": OPEN,
+    "metrics.metrics": METRICS,
+    "notifications.data_extraction_notification": CALLBACK,
+    "notifications.pipeline_notification": CALLBACK,
+    "feature_groups.list_feature_groups": READER,
+    "feature_groups.get_feature_group": READER,
+    "feature_groups.get_feature_group_legacy": READER,
+    "feature_groups.create_feature_group": WRITER,
+    "feature_groups.update_feature_group": WRITER,
+    "feature_groups.update_feature_group_legacy": WRITER,
+    "feature_groups.delete_feature_groups": WRITER,
+    "feature_groups.delete_feature_groups_legacy": WRITER,
+    "pipelines.list_pipelines": READER,
+    "pipelines.get_pipeline": READER,
+    "pipelines.list_pipeline_versions": READER,
+    "pipelines.list_experiments": READER,
+    "pipelines.list_experiments_bare": READER,
+    "pipelines.upload_pipeline": WRITER,
+    "training_jobs.list_training_jobs": READER,
+    "training_jobs.list_training_jobs_of_model": READER,
+    "training_jobs.get_training_job": READER,
+    "training_jobs.get_training_job_legacy": READER,
+    "training_jobs.get_training_job_status": READER,
+    "training_jobs.get_model_metrics": READER,
+    "training_jobs.create_training_job": WRITER,
+    "training_jobs.delete_training_job": WRITER,
+    "training_jobs.update_model_metrics": WRITER,
+    "models.download_model": READER,
+}
+
+
+def required_access(endpoint: str) -> str:
+    """What the endpoint needs under the current settings: OPEN or a role."""
+    settings = services().settings
+    access = ROUTE_ACCESS.get(endpoint)
+    if access is None:
+        log.error("route %s has no rule in trainingmgr.api.access.ROUTE_ACCESS: only an admin may call it", endpoint)
+        return ADMIN
+    if access == CALLBACK:
+        return WRITER if settings.callback_auth == "role" else OPEN
+    if access == METRICS:
+        return READER if settings.metrics_auth else OPEN
+    return access
+
+
+def authorize() -> None:
+    """before_request: refuse the request (401, 403) unless its caller may call the route."""
+    if request.method == "OPTIONS" or request.url_rule is None:
+        return  # a CORS preflight carries no credential; an unknown route or method answers 404/405 anyway
+    endpoint = request.endpoint or ""
+    if ROUTE_ACCESS.get(endpoint) == CALLBACK:
+        _refuse_callbacks_from_elsewhere()
+    role = required_access(endpoint)
+    authenticator = services().authenticator
+    if role == OPEN or authenticator is None:
+        return
+    principal = _principal(authenticator)
+    g.principal = principal.name  # the audit line's principal
+    if not principal.may(role):
+        raise Forbidden(f"This operation needs the {role} role; the credential of {principal.name!r} does not "
+                        f"carry it.")
+
+
+def _principal(authenticator: Authenticator) -> Principal:
+    scheme, _, credential = request.headers.get("Authorization", "").strip().partition(" ")
+    credential = credential.strip()
+    if not scheme:
+        raise Unauthorized("This operation needs a credential: send Authorization: Bearer <token>.")
+    if scheme.lower() != "bearer" or not credential:
+        raise Unauthorized("Only Bearer credentials are accepted: send Authorization: Bearer <token>.",
+                           invalid_token=True)
+    if len(credential) > MAX_CREDENTIAL_LENGTH:
+        raise Unauthorized("The bearer token is not valid: it is too long.", invalid_token=True)
+    try:
+        return authenticator.authenticate(credential)
+    except InvalidCredentials as e:
+        raise Unauthorized(f"The bearer token is not valid: {e}.", invalid_token=True) from None
+    except IdentityProviderUnavailable as e:
+        raise ServiceUnavailable(f"Credentials cannot be checked at the moment: {e}; try again later.") from None
+
+
+def _refuse_callbacks_from_elsewhere() -> None:
+    networks = services().settings.callback_networks
+    if not networks:
+        return
+    try:
+        address = ipaddress.ip_address((request.remote_addr or "").split("%")[0])
+    except ValueError:
+        address = None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack socket reports IPv4 callers as ::ffff:a.b.c.d
+    if address is None or not any(address in network for network in networks):
+        raise Forbidden("Callbacks are accepted only from the networks in TM_CALLBACK_ALLOWED_NETWORKS.")
