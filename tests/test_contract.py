@@ -121,6 +121,30 @@ def test_every_error_the_service_answers_is_in_the_contract():
     assert "TM_MAX_METRICS_BYTES" in metrics["responses"]["413"]["description"]
 
 
+def test_each_operation_documents_the_role_the_service_asks_for(bare_app):
+    """`x-role` of every operation is the access rule of its route; protected operations document 401 and 403,
+    open ones declare no security requirement (so Swagger UI sends them no credential)."""
+    from trainingmgr.api.access import ROUTE_ACCESS
+
+    spec = load_spec()
+    endpoints = {}
+    for rule in bare_app.url_map.iter_rules():
+        path = re.sub(r"<(?:[a-z]+:)?([A-Za-z_]+)>", r"{\1}", rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            endpoints[(method, path)] = rule.endpoint
+    built, _ = spec_operations(spec)
+    assert spec["security"] == [{"bearer": []}] and spec["securityDefinitions"]["bearer"]["in"] == "header"
+    for method, path in built:
+        op = spec["paths"][path][method.lower()]
+        where = f"{method} {path}"
+        assert op["x-role"] == ROUTE_ACCESS[endpoints[(method, path)]], where
+        if op["x-role"] == "open":
+            assert op["security"] == [] and "401" not in op["responses"], where
+        else:
+            assert {"401", "403"} <= set(op["responses"]), where
+            assert {"bearer": []} in op.get("security", spec["security"]), where
+
+
 def test_readme_documents_every_setting():
     readme = (PROJECT_ROOT / "README.md").read_text()
     for variable, default, _ in Settings.documented():

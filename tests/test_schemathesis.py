@@ -26,8 +26,11 @@ from schemathesis.engine import events, from_schema
 from schemathesis.generation import GenerationMode
 from schemathesis.hooks import GLOBAL_HOOK_DISPATCHER
 from schemathesis.transport.serialization import Binary
+from schemathesis.transport.wsgi import WSGITransport
 
 from trainingmgr import PROJECT_ROOT
+from trainingmgr.adapters.api_tokens import add_token
+from trainingmgr.adapters.base import RoleMap
 from trainingmgr.services.pagination import encode_cursor
 
 FG = "/ai-ml-model-training/v1/featureGroup"
@@ -43,10 +46,15 @@ DEADLINE_SECONDS = 240  # the whole run (schemathesis' own max-time would repeat
 
 
 @pytest.fixture
-def contract_app(build_app):
+def contract_app(build_app, tmp_path):
     # On SQLite and on PostgreSQL (whose text columns refuse what SQLite stores, such as NUL); build_app empties
     # every table when the test ends, and the files (pipelines, models) live in the test's own folder.
-    return build_app()
+    # With authentication on (an admin's token): schemathesis also checks that operations the contract protects
+    # refuse requests without the credential or with a made-up one, and that open ones do not ask for it.
+    token = add_token(tmp_path / "api-tokens", "contract", "admin", RoleMap())
+    app = build_app(auth="token", auth_tokens_file=str(tmp_path / "api-tokens"))
+    app.config["CONTRACT_TOKEN"] = token
+    return app
 
 
 def _known_state(client: Any) -> int:
@@ -154,6 +162,7 @@ def _allowed(app: Any):
     the call, so that it also holds for the stateful phase's requests, whose values come from earlier answers;
     schemathesis then checks the request against the contract again."""
     client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {app.config['CONTRACT_TOKEN']}"
 
     def before_call(context: Any, case: Any, kwargs: Any) -> None:
         if case.meta is None or case.meta.generation.mode != GenerationMode.POSITIVE:
@@ -220,6 +229,22 @@ class _NotTheServicesFault:
         return True
 
 
+@pytest.fixture(autouse=True)
+def _probes_reach_the_app(monkeypatch):
+    """schemathesis 4.32.5 sends its authentication probes (a request repeated without the credential, or with a
+    made-up one) in process with the socket-level settings its WSGI transport drops only for requests of a session
+    (`max_redirects` ...), which werkzeug's client refuses; drop them for the probes too."""
+    send = WSGITransport.send
+
+    def send_without_socket_settings(self: Any, case: Any, *, session: Any = None, **kwargs: Any) -> Any:
+        if session is None:
+            for name in ("max_redirects", "verify", "cert", "proxies"):
+                kwargs.pop(name, None)
+        return send(self, case, session=session, **kwargs)
+
+    monkeypatch.setattr(WSGITransport, "send", send_without_socket_settings)
+
+
 def _run(app: Any) -> tuple[Counter, list[str], list[str]]:
     """Runs schemathesis; (requests per operation, mismatches, errors)."""
     config = schemathesis.Config.from_dict({
@@ -228,6 +253,7 @@ def _run(app: Any) -> tuple[Counter, list[str], list[str]]:
         "cache": {"enabled": False},
         "generation": {"mode": "all", "max-examples": MAX_EXAMPLES, "deterministic": True, "database": "none"},
         "checks": {"enabled": True},
+        "auth": {"openapi": {"bearer": {"api_key": f"Bearer {app.config['CONTRACT_TOKEN']}"}}},
         "phases": {"stateful": {"enabled": True, "max-steps": 20}},
     })
     schema = schemathesis.openapi.from_wsgi("/swagger.yaml", app, config=config)

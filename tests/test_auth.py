@@ -1,0 +1,338 @@
+"""Who may call what (TM_AUTH=token here; tests/test_oidc.py covers TM_AUTH=oidc): every route against every kind
+of caller, the token file and its command, the callbacks' own rules, the audit line, the settings.
+
+ROUTES below is this test's own copy of the access table, written from the issue, not read from the code: a route
+the app serves without a row here fails the suite, and so does a route whose rule differs from its row.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from trainingmgr.adapters.api_tokens import add_token, remove_token, token_hash
+from trainingmgr.adapters.base import RoleMap
+from trainingmgr.api.access import ROUTE_ACCESS
+from trainingmgr.cli import cli
+from trainingmgr.config import Settings, SettingsError
+
+OPEN, READER, WRITER, CALLBACK, METRICS = "open", "reader", "writer", "callback", "metrics"
+
+ROUTES: dict[tuple[str, str], str] = {
+    ("GET", "/healthz"): OPEN,
+    ("GET", "/readyz"): OPEN,
+    ("GET", "/swagger.yaml"): OPEN,
+    ("GET", "/apidocs"): OPEN,
+    ("GET", "/apidocs/init.js"): OPEN,
+    ("GET", "/apidocs/<path:filename>"): OPEN,
+    ("GET", "/metrics"): METRICS,
+    ("POST", "/trainingjob/dataExtractionNotification"): CALLBACK,
+    ("POST", "/trainingjob/pipelineNotification"): CALLBACK,
+    ("GET", "/ai-ml-model-training/v1/featureGroup"): READER,
+    ("POST", "/ai-ml-model-training/v1/featureGroup"): WRITER,
+    ("DELETE", "/ai-ml-model-training/v1/featureGroup"): WRITER,
+    ("GET", "/ai-ml-model-training/v1/featureGroup/<featuregroup_name>"): READER,
+    ("PUT", "/ai-ml-model-training/v1/featureGroup/<featuregroup_name>"): WRITER,
+    ("DELETE", "/featureGroup"): WRITER,
+    ("GET", "/featureGroup/<featuregroup_name>"): READER,
+    ("PUT", "/featureGroup/<featuregroup_name>"): WRITER,
+    ("GET", "/pipelines"): READER,
+    ("GET", "/pipelines/<pipeline_name>"): READER,
+    ("GET", "/pipelines/<pipeline_name>/versions"): READER,
+    ("GET", "/experiments"): READER,
+    ("GET", "/pipelines/experiments"): READER,
+    ("POST", "/pipelines/<pipe_name>/upload"): WRITER,
+    ("GET", "/ai-ml-model-training/v1/training-jobs"): READER,
+    ("POST", "/ai-ml-model-training/v1/training-jobs"): WRITER,
+    ("GET", "/ai-ml-model-training/v1/training-jobs/<int:training_job_id>"): READER,
+    ("DELETE", "/ai-ml-model-training/v1/training-jobs/<int:training_job_id>"): WRITER,
+    ("GET", "/ai-ml-model-training/v1/training-jobs/<training_job_id>/status"): READER,
+    ("GET", "/ai-ml-model-training/v1/training-jobs/<modelname:model_name>/<model_version>"): READER,
+    ("GET", "/ai-ml-model-training/v1/training-jobs/get-model-metrics/<trainingjob_id>"): READER,
+    ("POST", "/ai-ml-model-training/v1/training-jobs/update-model-metrics/<trainingjob_id>"): WRITER,
+    ("GET", "/trainingjobs/<trainingjob_name>/<version>"): READER,
+    ("GET", "/model/<modelname>/<modelversion>/<artifactversion>/Model.zip"): READER,
+}
+RANK = {None: -1, READER: 0, WRITER: 1, "admin": 2}
+CALLERS = (None, "bogus", READER, WRITER, "admin")  # None: no Authorization header at all
+
+
+def served_routes(app) -> set[tuple[str, str]]:
+    return {(method, rule.rule) for rule in app.url_map.iter_rules()
+            for method in rule.methods - {"HEAD", "OPTIONS"}}
+
+
+def concrete(rule: str) -> str:
+    """A path for the rule, with values that name nothing (answers past the access check are 404s or 400s)."""
+    path = re.sub(r"<int:[a-z_]+>", "999999", rule)
+    path = re.sub(r"<path:[a-z_]+>", "swagger-ui.css", path)
+    return re.sub(r"<(?:[a-z]+:)?[a-z_]+>", "nothing_here", path)
+
+
+@pytest.fixture
+def tokens(tmp_path: Path) -> dict[str, str]:
+    """A token file with one token per role; the tokens by role (and "bogus", a token nobody was given)."""
+    path = tmp_path / "api-tokens"
+    made = {role: add_token(path, f"{role}-user", role, RoleMap()) for role in (READER, WRITER, "admin")}
+    made["bogus"] = "tm_" + "x" * 43
+    return made
+
+
+@pytest.fixture
+def token_app(build_app, tmp_path: Path, tokens):
+    def make(**overrides):
+        return build_app(auth="token", auth_tokens_file=str(tmp_path / "api-tokens"), **overrides)
+    return make
+
+
+def call(client, method: str, path: str, token: str | None, **kwargs):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if method in ("POST", "PUT", "DELETE") and "data" not in kwargs:
+        kwargs["json"] = {}
+    return client.open(path, method=method, headers=headers, **kwargs)
+
+
+def expected_access(access: str, *, callback_auth: str = "none", metrics_auth: bool = False) -> str:
+    if access == CALLBACK:
+        return WRITER if callback_auth == "role" else OPEN
+    if access == METRICS:
+        return READER if metrics_auth else OPEN
+    return access
+
+
+def check_route(client, method: str, rule: str, needed: str, tokens: dict[str, str]) -> list[str]:
+    """Every caller against one route; the wrong answers."""
+    wrong = []
+    for caller in CALLERS:
+        answer = call(client, method, concrete(rule), tokens.get(caller) if caller else None)
+        where = f"{method} {rule} as {caller or 'anonymous'}: {answer.status_code}"
+        if needed == OPEN or RANK.get(caller, -1) >= RANK[needed]:
+            if answer.status_code in (401, 403):
+                wrong.append(f"{where}, expected to pass the access check ({answer.get_json()})")
+        elif caller in (None, "bogus"):
+            challenge = answer.headers.get("WWW-Authenticate", "")
+            if answer.status_code != 401 or not challenge.startswith('Bearer realm="trainingmgr"'):
+                wrong.append(f"{where} {challenge!r}, expected 401 with a Bearer challenge")
+            elif ('error="invalid_token"' in challenge) != (caller == "bogus"):
+                wrong.append(f"{where} {challenge!r}: invalid_token only when a credential came")
+        elif answer.status_code != 403:
+            wrong.append(f"{where}, expected 403")
+        if answer.status_code in (401, 403):
+            body = answer.get_json()
+            if answer.mimetype != "application/problem+json" or body["status"] != answer.status_code:
+                wrong.append(f"{where}: not ProblemDetails ({answer.mimetype}, {body})")
+            if any(token in answer.get_data(as_text=True) for token in tokens.values()):
+                wrong.append(f"{where}: the answer quotes a token")
+    return wrong
+
+
+# ---------------------------------------------------------------------------------------------- the table
+def test_every_served_route_has_a_rule_and_it_is_the_one_the_issue_gives(app):
+    served = served_routes(app)
+    assert served - set(ROUTES) == set(), "routes served without a row in this test's ROUTES: decide who may call them"
+    assert set(ROUTES) - served == set(), "rows of ROUTES the app does not serve"
+    endpoints = {rule.endpoint for rule in app.url_map.iter_rules()}
+    assert endpoints - set(ROUTE_ACCESS) == set(), "endpoints without a rule in trainingmgr.api.access.ROUTE_ACCESS"
+    assert set(ROUTE_ACCESS) - endpoints == set(), "rules of ROUTE_ACCESS for endpoints that do not exist"
+    for rule in app.url_map.iter_rules():
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            assert ROUTE_ACCESS[rule.endpoint] == ROUTES[(method, rule.rule)], f"{method} {rule.rule}"
+
+
+@pytest.mark.parametrize("method,rule", sorted(ROUTES), ids=[f"{m} {r}" for m, r in sorted(ROUTES)])
+def test_each_route_answers_each_caller_as_its_role_says(token_app, tokens, method, rule):
+    client = token_app().test_client()
+    assert check_route(client, method, rule, expected_access(ROUTES[(method, rule)]), tokens) == []
+
+
+def test_callbacks_and_metrics_need_a_role_when_configured_so(token_app, tokens):
+    client = token_app(callback_auth="role", metrics_auth=True).test_client()
+    wrong = []
+    for (method, rule), access in ROUTES.items():
+        if access in (CALLBACK, METRICS):
+            needed = expected_access(access, callback_auth="role", metrics_auth=True)
+            wrong += check_route(client, method, rule, needed, tokens)
+    assert wrong == []
+
+
+def test_without_authentication_no_route_asks_for_a_credential(app):
+    """TM_AUTH=none, the default: the framework's clients, which send none, keep working."""
+    client = app.test_client()
+    for method, rule in sorted(ROUTES):
+        answer = call(client, method, concrete(rule), None)
+        assert answer.status_code not in (401, 403), (method, rule, answer.get_json())
+        assert "WWW-Authenticate" not in answer.headers
+
+
+def test_a_route_missing_from_the_table_is_closed_to_all_but_admins(token_app, tokens, monkeypatch):
+    monkeypatch.delitem(ROUTE_ACCESS, "training_jobs.list_training_jobs")
+    client = token_app().test_client()
+    path = "/ai-ml-model-training/v1/training-jobs"
+    assert call(client, "GET", path, tokens[WRITER]).status_code == 403
+    assert call(client, "GET", path, tokens["admin"]).status_code == 200
+
+
+def test_preflights_and_unknown_routes_need_no_credential(token_app):
+    client = token_app().test_client()
+    preflight = client.options("/ai-ml-model-training/v1/training-jobs", headers={
+        "Origin": "http://dashboard.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 200
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
+    assert client.get("/no/such/route").status_code == 404
+    refused = client.get("/ai-ml-model-training/v1/training-jobs", headers={"Origin": "http://dashboard.example"})
+    assert refused.status_code == 401
+    assert refused.headers["Access-Control-Allow-Origin"] == "*", "a browser client must be able to read the 401"
+
+
+@pytest.mark.parametrize("header", ["Basic dXNlcjpwYXNz", "Bearer", "Bearer ", "Token abc", "bearer",
+                                    "Bearer " + "a" * 20000, "Bearer a b"])
+def test_malformed_authorization_headers_are_401(token_app, header):
+    answer = token_app().test_client().get("/pipelines", headers={"Authorization": header})
+    assert answer.status_code == 401
+    assert answer.headers["WWW-Authenticate"].startswith('Bearer realm="trainingmgr"')
+    assert "a" * 100 not in answer.get_data(as_text=True)
+
+
+def test_the_scheme_is_case_insensitive(token_app, tokens):
+    client = token_app().test_client()
+    assert client.get("/pipelines", headers={"Authorization": f"bEaReR {tokens[READER]}"}).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- token file
+def test_the_token_file_holds_hashes_only_and_is_private(tmp_path: Path):
+    path = tmp_path / "tokens"
+    token = add_token(path, "rapp-qoe", WRITER, RoleMap())
+    text = path.read_text()
+    assert token not in text
+    assert f"rapp-qoe writer {token_hash(token)}" in text.splitlines()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert token.startswith("tm_") and len(token) >= 40
+    assert add_token(path, "other", READER, RoleMap()) != token
+
+
+def test_add_token_refuses_bad_names_unknown_roles_and_duplicates(tmp_path: Path):
+    path = tmp_path / "tokens"
+    add_token(path, "a", READER, RoleMap())
+    for name, role in (("a", READER), ("has space", READER), ("-x", READER), ("b", "superuser"), ("b", "")):
+        with pytest.raises(ValueError):
+            add_token(path, name, role, RoleMap())
+    assert add_token(path, "c", "tm-admin", RoleMap("tm-admin=admin"))
+
+
+def test_tokens_added_and_removed_while_serving_count_at_once(token_app, tmp_path: Path, tokens):
+    client = token_app().test_client()
+    path = tmp_path / "api-tokens"
+    assert call(client, "GET", "/pipelines", tokens[READER]).status_code == 200
+    fresh = add_token(path, "late", READER, RoleMap())
+    assert call(client, "GET", "/pipelines", fresh).status_code == 200, "a token added later works without restart"
+    assert remove_token(path, "late")
+    assert call(client, "GET", "/pipelines", fresh).status_code == 401, "a removed token is refused at once"
+    assert call(client, "GET", "/pipelines", tokens[READER]).status_code == 200
+    assert not remove_token(path, "late")
+
+
+def test_a_bad_line_costs_only_itself_and_a_missing_file_refuses_everyone(token_app, tmp_path: Path, tokens, caplog):
+    client = token_app().test_client()
+    path = tmp_path / "api-tokens"
+    with path.open("a") as f:
+        f.write("broken line\nname reader not-a-hash\nx superuser " + "0" * 64 + "\n")
+    with caplog.at_level(logging.ERROR):
+        assert call(client, "GET", "/pipelines", tokens[READER]).status_code == 200
+    assert "line" in caplog.text and "superuser" in caplog.text
+    path.unlink()
+    assert call(client, "GET", "/pipelines", tokens["admin"]).status_code == 401
+
+
+def test_role_names_in_the_file_are_mapped(token_app, tmp_path: Path):
+    token = add_token(tmp_path / "api-tokens", "eng", "ml-engineer", RoleMap("ml-engineer=writer"))
+    client = token_app(auth_role_map="ml-engineer=writer").test_client()
+    assert call(client, "POST", "/ai-ml-model-training/v1/featureGroup", token).status_code == 400  # past the check
+    unmapped = token_app().test_client()
+    assert call(unmapped, "GET", "/pipelines", token).status_code == 401
+
+
+def test_the_auth_commands(tmp_path: Path):
+    env = {"TM_DATA_DIR": str(tmp_path / "data"), "TM_AUTH": "token"}
+    runner = CliRunner()
+    added = runner.invoke(cli, ["auth", "add-token", "dash", "reader"], env=env)
+    assert added.exit_code == 0, added.output
+    token = added.stdout.strip()
+    assert re.fullmatch(r"tm_[A-Za-z0-9_-]{43}", token)
+    file = tmp_path / "data" / "api-tokens"
+    assert token_hash(token) in file.read_text() and token not in file.read_text()
+    listed = runner.invoke(cli, ["auth", "list-tokens"], env=env)
+    assert listed.exit_code == 0 and listed.stdout == "dash\treader\n"
+    again = runner.invoke(cli, ["auth", "add-token", "dash", "writer"], env=env)
+    assert again.exit_code != 0 and "exists already" in again.output
+    unknown = runner.invoke(cli, ["auth", "add-token", "x", "root"], env=env)
+    assert unknown.exit_code != 0 and "unknown role" in unknown.output
+    assert runner.invoke(cli, ["auth", "remove-token", "dash"], env=env).exit_code == 0
+    assert runner.invoke(cli, ["auth", "remove-token", "dash"], env=env).exit_code != 0
+    assert runner.invoke(cli, ["auth", "list-tokens"], env=env).stdout == ""
+
+
+def test_serve_refuses_to_start_without_its_token_file(tmp_path: Path):
+    env = {**os.environ, "TM_DATA_DIR": str(tmp_path / "data"), "TM_AUTH": "token", "TM_HOST": "127.0.0.1"}
+    done = subprocess.run([sys.executable, "-m", "trainingmgr", "serve"], env=env, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode != 0
+    assert "token file" in done.stderr and "add-token" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------- callbacks
+def test_callbacks_only_from_the_allowed_networks(build_app):
+    client = build_app(callback_allowed_networks="10.0.0.0/8, fd00::/8").test_client()
+    body = {"trainingjob_id": "999999", "run_status": "FAILED"}
+    for address, allowed in (("10.1.2.3", True), ("::ffff:10.1.2.3", True), ("fd00::5", True),
+                             ("192.168.1.1", False), ("127.0.0.1", False), ("::1", False)):
+        for path in ("/trainingjob/pipelineNotification", "/trainingjob/dataExtractionNotification"):
+            answer = client.post(path, json=body, environ_base={"REMOTE_ADDR": address})
+            if allowed:
+                assert answer.status_code == 400, (address, answer.get_json())  # past the check: no such job
+            else:
+                assert answer.status_code == 403, (address, answer.get_json())
+                assert "TM_CALLBACK_ALLOWED_NETWORKS" in answer.get_json()["detail"]
+    # Other routes are not restricted by it.
+    assert client.get("/pipelines", environ_base={"REMOTE_ADDR": "192.168.1.1"}).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- audit
+def test_the_audit_line_names_the_token_never_the_token_itself(token_app, tokens, caplog):
+    client = token_app().test_client()
+    with caplog.at_level(logging.INFO):
+        call(client, "POST", "/ai-ml-model-training/v1/featureGroup", tokens[WRITER])
+        call(client, "DELETE", "/ai-ml-model-training/v1/training-jobs/7", tokens[READER])
+        call(client, "DELETE", "/ai-ml-model-training/v1/training-jobs/8", tokens["bogus"])
+    audit = [r for r in caplog.records if r.name == "trainingmgr.audit"]
+    assert [(r.principal, r.status, r.outcome) for r in audit] == [
+        ("writer-user", 400, "refused"), ("reader-user", 403, "refused"), ("anonymous", 401, "refused")]
+    logged = caplog.text + json.dumps([r.__dict__ for r in caplog.records], default=str)
+    assert not any(token in logged for token in tokens.values())
+
+
+# ---------------------------------------------------------------------------------------------- settings
+@pytest.mark.parametrize("overrides,message", [
+    ({"auth": "ldap"}, "TM_AUTH"),
+    ({"auth": "oidc"}, "TM_OIDC_ISSUER"),
+    ({"auth": "oidc", "oidc_issuer": "https://idp.example/realms/x"}, "TM_OIDC_AUDIENCE"),
+    ({"auth": "oidc", "oidc_issuer": "idp.example", "oidc_audience": "tm"}, "TM_OIDC_ISSUER"),
+    ({"callback_auth": "role"}, "TM_CALLBACK_AUTH"),
+    ({"auth": "token", "callback_auth": "yes"}, "TM_CALLBACK_AUTH"),
+    ({"metrics_auth": True}, "TM_METRICS_AUTH"),
+    ({"callback_allowed_networks": "10.0.0.0/33"}, "TM_CALLBACK_ALLOWED_NETWORKS"),
+    ({"callback_allowed_networks": "pods"}, "TM_CALLBACK_ALLOWED_NETWORKS"),
+    ({"auth_role_map": "tm-admin=root"}, "TM_AUTH_ROLE_MAP"),
+    ({"auth_role_map": "admin"}, "TM_AUTH_ROLE_MAP"),
+])
+def test_settings_that_cannot_work_are_refused_at_start(overrides, message):
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env({}, **overrides)
