@@ -225,6 +225,31 @@ def test_a_failure_callback_is_a_wake_up_not_a_verdict(setup, worker, tmp_path):
     assert client.delete(f"{JOBS}/{job['id']}").status_code == 204
 
 
+def test_a_callback_about_another_run_is_ignored(setup, worker, tmp_path, monkeypatch):
+    from trainingmgr.workers.queue import WorkQueue
+
+    client = setup
+    upload(client, "naps", slow_pipeline(tmp_path, seconds=20))
+    job = client.post(JOBS, json=job_request("napper", pipeline="naps")).get_json()
+    wait_for_step(client, job["id"], "TRAINING", "IN_PROGRESS")
+    run_id = client.get(f"{JOBS}/{job['id']}").get_json()["run_id"]
+    woken = []
+    make_due = WorkQueue.make_due
+    monkeypatch.setattr(WorkQueue, "make_due", lambda self, *a: (woken.append(a), make_due(self, *a))[1])
+    for status in ("SUCCEEDED", "FAILED"):
+        answer = client.post("/trainingjob/pipelineNotification",
+                             json={"trainingjob_id": job["id"], "run_status": status, "run_id": "made-up-run"})
+        assert answer.status_code == 200 and "not the job's current run" in answer.get_json()["result"]
+    assert woken == [], "a callback about another run makes nothing due"
+    answer = client.post("/trainingjob/pipelineNotification",
+                         json={"trainingjob_id": job["id"], "run_status": "FAILED", "run_id": run_id})
+    assert answer.status_code == 200 and "handled" in answer.get_json()["result"]
+    assert woken == [(job["id"], "watch_run")]
+    time.sleep(1.0)  # the watch step has looked at the engine by now
+    assert client.get(f"{JOBS}/{job['id']}").get_json()["status"] == "IN_PROGRESS", "the engine says it runs"
+    assert client.delete(f"{JOBS}/{job['id']}").status_code == 204
+
+
 def test_a_failed_job_leaves_no_files_behind(setup, worker, app, tmp_path):
     # Before: the run's folder (and the extracted dataset) stayed after the job failed.
     client = setup
