@@ -2,6 +2,7 @@
 process, and the demo against them."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -144,3 +145,53 @@ def test_serve_demo_stopped_during_the_demo_takes_its_server_with_it(tmp_path, s
             assert time.monotonic() < deadline, "the server outlived the demo that started it"
             time.sleep(0.2)
     assert demo.returncode == 128 + signum
+
+
+def test_a_served_service_with_tokens_and_the_demo_that_sends_one(tmp_path):
+    """TM_AUTH=token end to end: tokens made with the command, the real server, the demo without a token, with a
+    reader's and with a writer's; the log has the principals and never a token."""
+    data = tmp_path / "data"
+    env = {"TM_DATA_DIR": str(data), "TM_WORKERS": "1", "TM_DATABASE_URL": "", "TM_AUTH": "token"}
+    full_env = {**os.environ, **env}
+    tokens = {}
+    for name, role in (("demo", "writer"), ("viewer", "reader")):
+        made = subprocess.run([sys.executable, "-m", "trainingmgr", "auth", "add-token", name, role], env=full_env,
+                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert made.returncode == 0, made.stderr
+        tokens[role] = made.stdout.strip()
+    refused = subprocess.run([sys.executable, "-m", "trainingmgr", "serve", "--demo"], env=full_env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert refused.returncode == 1 and "TM_TOKEN" in refused.stderr, "serve --demo needs the demo's token first"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def demo(token: str | None) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "trainingmgr", "demo", "--url", url, "--timeout", "300"]
+        return subprocess.run(argv, env={**full_env, **({"TM_TOKEN": token} if token else {})}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=DEMO_TIMEOUT, stdin=subprocess.DEVNULL)
+
+    with served(tmp_path, port, env) as server:
+        assert_ready(url, server, 120, tmp_path / "server.log")
+        anonymous = demo(None)
+        assert anonymous.returncode == 1 and "401" in anonymous.stdout + anonymous.stderr
+        assert "pass --token or set TM_TOKEN" in anonymous.stdout + anonymous.stderr
+        reader = demo(tokens["reader"])
+        assert reader.returncode == 1 and "403" in reader.stdout + reader.stderr
+        writer = demo(tokens["writer"])
+        assert writer.returncode == 0, writer.stdout + writer.stderr
+        assert "retrained: artifact 1.0.0 -> 1.1.0" in writer.stdout
+    log = (tmp_path / "server.log").read_text()
+    assert '"principal": "demo"' in log and '"principal": "viewer"' in log
+    assert "without authentication" not in log
+    assert not any(token in log for token in tokens.values())
+
+
+def test_an_open_service_on_a_network_address_warns_at_start(tmp_path):
+    port = free_port()
+    env = {"TM_DATA_DIR": str(tmp_path / "data"), "TM_WORKERS": "1", "TM_DATABASE_URL": "", "TM_HOST": "0.0.0.0"}
+    with served(tmp_path, port, env) as server:
+        assert_ready(f"http://127.0.0.1:{port}", server, 120, tmp_path / "server.log")
+    warnings = [json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines()
+                if line.startswith("{") and "without authentication" in line]
+    assert [w["level"] for w in warnings] == ["WARNING"]
+    assert "0.0.0.0" in warnings[0]["message"] and "Securing the service" in warnings[0]["message"]
