@@ -1,0 +1,98 @@
+"""Swagger UI's Authorize button against a token-protected service, in a real browser (headless Chromium driven by
+Selenium through Debian's chromedriver): "Try it out" on a protected operation answers 401 before authorizing and
+200 after, and open operations need nothing."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.processes import assert_ready, free_port, served
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+BROWSER_SECONDS = 60  # each wait for the page; generous for a loaded machine
+
+pytestmark = pytest.mark.skipif(
+    (CHROMIUM is None or CHROMEDRIVER is None) and os.environ.get("CI", "").lower() != "true",
+    reason="Chromium and chromedriver are not installed (Debian packages chromium, chromium-driver; .ci/run installs "
+           "them)",
+)
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    assert CHROMIUM and CHROMEDRIVER, "Chromium and chromedriver are required under CI"
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000"):
+        options.add_argument(argument)
+    service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(options=options, service=service)
+    driver.set_page_load_timeout(BROWSER_SECONDS)
+    try:
+        yield driver
+    finally:
+        driver.quit()  # stops Chromium and chromedriver, also when the test failed
+
+
+def try_it_out(driver, operation_id: str) -> str:
+    """Expand the operation, Try it out, Execute; the status code of the live response."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, BROWSER_SECONDS)
+    block = wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, f"[id$='-{operation_id}']")))
+    if "is-open" not in block.get_attribute("class"):
+        block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    try_button = wait.until(lambda d: block.find_elements(By.CSS_SELECTOR, ".try-out__btn"))[0]
+    if "cancel" not in try_button.get_attribute("class"):
+        try_button.click()
+    for clear in block.find_elements(By.CSS_SELECTOR, ".btn-clear"):  # the answer of an earlier Execute
+        clear.click()
+    wait.until(lambda d: not block.find_elements(By.CSS_SELECTOR, ".live-responses-table"))
+    wait.until(lambda d: block.find_elements(By.CSS_SELECTOR, ".execute"))[0].click()
+    status = wait.until(lambda d: block.find_elements(By.CSS_SELECTOR, ".live-responses-table tr.response .response-col_status"))
+    return status[0].text.strip().split()[0]
+
+
+def test_authorize_in_swagger_ui_sends_the_token(tmp_path: Path, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    env = {"TM_DATA_DIR": str(tmp_path / "data"), "TM_WORKERS": "1", "TM_DATABASE_URL": "", "TM_AUTH": "token"}
+    made = subprocess.run([sys.executable, "-m", "trainingmgr", "auth", "add-token", "swagger", "reader"],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with served(tmp_path, port, env) as server:
+        assert_ready(url, server, 120, tmp_path / "server.log")
+        browser.get(f"{url}/apidocs")
+        wait = WebDriverWait(browser, BROWSER_SECONDS)
+        assert try_it_out(browser, "listPipelines") == "401"
+        assert try_it_out(browser, "healthz") == "200", "an open operation needs no credential"
+
+        wait.until(ready.element_to_be_clickable((By.CSS_SELECTOR, ".auth-wrapper .authorize"))).click()
+        dialog = wait.until(ready.visibility_of_element_located((By.CSS_SELECTOR, ".modal-ux")))
+        assert "bearer" in dialog.text
+        dialog.find_element(By.CSS_SELECTOR, "input[type=text], input[type=password]").send_keys(f"Bearer {token}")
+        dialog.find_element(By.CSS_SELECTOR, ".auth-btn-wrapper .authorize").click()
+        wait.until(lambda d: dialog.find_elements(By.CSS_SELECTOR, ".auth-btn-wrapper .btn-done"))[0].click()
+
+        assert try_it_out(browser, "listPipelines") == "200"
+    log = (tmp_path / "server.log").read_text()
+    assert '"path": "/pipelines", "status": 401' in log and '"path": "/pipelines", "status": 200' in log
