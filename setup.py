@@ -22,7 +22,7 @@ setup(
         "gunicorn>=22",
         "marshmallow>=4,<5",
         "psycopg2-binary>=2.9,<3",
-        "PyJWT[crypto]>=2.10,<3",
+        "PyJWT[crypto]>=2.15,<3",
         "PyYAML>=6",
         "requests>=2.31,<3",
         "SQLAlchemy>=2.0,<3",

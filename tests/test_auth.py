@@ -6,6 +6,7 @@ the app serves without a row here fails the suite, and so does a route whose rul
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -18,8 +19,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from trainingmgr.adapters.api_tokens import add_token, remove_token, token_hash
-from trainingmgr.adapters.base import RoleMap
+from trainingmgr.adapters.api_tokens import (StaticTokenAuthenticator, add_token, read_token_file, remove_token,
+                                             token_hash)
+from trainingmgr.adapters.base import InvalidCredentials, RoleMap
 from trainingmgr.api.access import ROUTE_ACCESS
 from trainingmgr.cli import cli
 from trainingmgr.config import Settings, SettingsError
@@ -252,6 +254,45 @@ def test_a_bad_line_costs_only_itself_and_a_missing_file_refuses_everyone(token_
     assert call(client, "GET", "/pipelines", tokens["admin"]).status_code == 401
 
 
+def test_hand_edited_files_cannot_hide_or_share_a_token(tmp_path: Path, caplog):
+    path = tmp_path / "tokens"
+    first, second, third = (f"tm_{n}" * 8 for n in "abc")
+    # No final newline (an editor's doing), a byte-order mark, a comment that other tools show as one line.
+    path.write_text("\ufeff# tokens\n"
+                    f"a writer {token_hash(first)}\n"
+                    f"#x\u2028b admin {token_hash(second)}\n"
+                    f"c reader {token_hash(third)}\n"
+                    f"d admin {token_hash(third)}", encoding="utf-8")
+    with caplog.at_level(logging.ERROR):
+        fresh = add_token(path, "e", READER, RoleMap())
+    authenticator = StaticTokenAuthenticator(path, RoleMap())
+    assert authenticator.authenticate(first).roles == {WRITER}
+    assert authenticator.authenticate(fresh).roles == {READER}, "the new line did not join the last one"
+    for hidden in (second, third):  # a role inside a comment; one hash under two names (which role?)
+        with pytest.raises(InvalidCredentials):
+            authenticator.authenticate(hidden)
+    assert "same hash" in caplog.text
+    assert [e.name for e in read_token_file(path)] == ["a", "e"]
+    assert not remove_token(path, "#") and not remove_token(path, "x")
+    assert remove_token(path, "a") and [e.name for e in read_token_file(path)] == ["e"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_concurrent_commands_lose_no_token(tmp_path: Path):
+    path = tmp_path / "tokens"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda n: add_token(path, f"t{n}", READER, RoleMap()), range(40)))
+        removed = list(pool.map(lambda n: remove_token(path, f"t{n}"), range(0, 40, 2)))
+    assert all(removed)
+    authenticator = StaticTokenAuthenticator(path, RoleMap())
+    for n, token in enumerate(made):
+        if n % 2:
+            assert authenticator.authenticate(token).name == f"t{n}"
+        else:
+            with pytest.raises(InvalidCredentials):
+                authenticator.authenticate(token)
+
+
 def test_role_names_in_the_file_are_mapped(token_app, tmp_path: Path):
     token = add_token(tmp_path / "api-tokens", "eng", "ml-engineer", RoleMap("ml-engineer=writer"))
     client = token_app(auth_role_map="ml-engineer=writer").test_client()
@@ -332,6 +373,7 @@ def test_the_audit_line_names_the_token_never_the_token_itself(token_app, tokens
     ({"callback_allowed_networks": "pods"}, "TM_CALLBACK_ALLOWED_NETWORKS"),
     ({"auth_role_map": "tm-admin=root"}, "TM_AUTH_ROLE_MAP"),
     ({"auth_role_map": "admin"}, "TM_AUTH_ROLE_MAP"),
+    ({"auth_role_map": "a=reader,a=admin"}, "mapped twice"),
 ])
 def test_settings_that_cannot_work_are_refused_at_start(overrides, message):
     with pytest.raises(SettingsError, match=message):

@@ -19,7 +19,7 @@ def test_default_allows_any_origin_on_answers_and_errors(client):
     listed = client.get(FG_V1, headers={"Origin": DASHBOARD})
     assert listed.headers["Access-Control-Allow-Origin"] == "*"
     exposed = {h.strip().lower() for h in listed.headers["Access-Control-Expose-Headers"].split(",")}
-    assert exposed == {"location", "link", "x-request-id"}
+    assert exposed == {"location", "link", "x-request-id", "www-authenticate", "retry-after"}
     assert "Access-Control-Allow-Credentials" not in listed.headers
     missing = client.get(f"{JOBS}/999999", headers={"Origin": DASHBOARD})  # a ProblemDetails answer
     assert missing.status_code == 404 and missing.headers["Access-Control-Allow-Origin"] == "*"

@@ -10,6 +10,8 @@ import base64
 import hashlib
 import hmac
 import json
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -23,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.test_auth import CALLERS, ROUTES, check_route, expected_access
 from trainingmgr.adapters.base import IdentityProviderUnavailable, InvalidCredentials, RoleMap
+from trainingmgr.adapters import oidc
 from trainingmgr.adapters.oidc import OidcAuthenticator
 
 AUDIENCE = "trainingmgr"
@@ -41,6 +44,7 @@ class IdentityProvider:
         self.private: dict[str, Any] = {}  # kid -> private key
         self.published: list[dict[str, Any]] = []  # the JWKS's keys
         self.hits = {"discovery": 0, "jwks": 0}
+        self.jwks_answer = "keys"  # or "reset", "not json"
         idp = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,6 +55,17 @@ class IdentityProvider:
                 elif self.path.endswith("/protocol/openid-connect/certs"):
                     idp.hits["jwks"] += 1
                     body = {"keys": list(idp.published)}
+                    if idp.jwks_answer == "reset":  # a partial body, then the connection is reset
+                        self.send_response(200)
+                        self.send_header("Content-Length", "10000")
+                        self.end_headers()
+                        self.wfile.write(b'{"keys": [')
+                        self.wfile.flush()
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        self.connection.close()
+                        return
+                    if idp.jwks_answer == "not json":
+                        body = ["not", "a", "key", "set"]
                 else:
                     self.send_response(404)
                     self.end_headers()
@@ -230,6 +245,14 @@ def test_roles_come_from_the_configured_claim_and_unknown_roles_give_nothing(oid
     assert get(scope_client, idp.token(None, scope="openid superuser")).status_code == 403
 
 
+def test_only_the_mapped_role_names_count(oidc_app, idp):
+    """With TM_AUTH_ROLE_MAP set, a realm role that happens to be called `admin` grants nothing."""
+    client = oidc_app().test_client()
+    generic = idp.token(None, realm_access={"roles": ["admin", "writer", "reader"]})
+    assert get(client, generic).status_code == 403
+    assert get(client, idp.token(None, realm_access={"roles": ["offline_access", "tm-reader"]})).status_code == 200
+
+
 def test_the_principal_is_the_subject(oidc_app, idp, caplog):
     import logging
 
@@ -258,9 +281,14 @@ class Clock:
         return self.now
 
 
-def test_a_new_key_is_fetched_once_the_refresh_cooldown_has_passed(idp, monkeypatch):
+@pytest.fixture
+def clock(monkeypatch):
     clock = Clock()
-    monkeypatch.setattr(jwt.jwks_client, "time", clock)
+    monkeypatch.setattr(oidc, "time", clock)
+    return clock
+
+
+def test_a_new_key_is_fetched_once_the_refresh_cooldown_has_passed(idp, clock):
     verifier = OidcAuthenticator(idp.issuer, AUDIENCE, RoleMap(ROLE_MAP), refresh_cooldown=10)
     assert verifier.authenticate(idp.token("reader")).roles == {"reader"}
     assert idp.hits == {"discovery": 1, "jwks": 1}
@@ -277,6 +305,37 @@ def test_a_new_key_is_fetched_once_the_refresh_cooldown_has_passed(idp, monkeypa
     assert idp.hits["jwks"] == 2
     assert verifier.authenticate(idp.token("reader")).name == "f3a1-rapp-qoe", "known keys need no fetch"
     assert idp.hits == {"discovery": 1, "jwks": 2}
+
+
+def test_known_keys_outlive_an_outage_and_a_rotated_out_key_stops_working(idp, clock):
+    verifier = OidcAuthenticator(idp.issuer, AUDIENCE, RoleMap(ROLE_MAP))
+    old_kid = idp.kid
+    assert verifier.authenticate(idp.token("reader"))
+    clock.now += oidc.KEYS_LIFESPAN_SECONDS + 1  # due for a refresh, and the issuer is down
+    idp.jwks_answer = "reset"
+    for _ in range(10):
+        assert verifier.authenticate(idp.token("reader")).roles == {"reader"}, "stale keys serve while it is down"
+    assert idp.hits["jwks"] == 2, "one attempt per FETCH_RETRY_SECONDS, not one per request"
+    with pytest.raises(IdentityProviderUnavailable):
+        verifier.authenticate(idp.token("reader", kid=idp.add_rsa_key()))  # an unknown key: cannot be checked now
+    assert idp.hits["jwks"] == 2
+    clock.now += oidc.FETCH_RETRY_SECONDS
+    idp.jwks_answer = "keys"
+    idp.published = [k for k in idp.published if k["kid"] != old_kid]  # back, without the old key
+    with pytest.raises(InvalidCredentials, match="no longer publishes"):
+        verifier.authenticate(idp.token("reader", kid=old_kid))
+    assert idp.hits["jwks"] == 3
+
+
+@pytest.mark.parametrize("answer", ["reset", "not json"])
+def test_a_broken_key_set_is_a_503_not_a_500(oidc_app, idp, answer):
+    idp.jwks_answer = answer
+    client = oidc_app().test_client()
+    for _ in range(3):
+        response = get(client, idp.token("reader"))
+        assert response.status_code == 503, response.get_json()
+        assert response.mimetype == "application/problem+json"
+    assert idp.hits["jwks"] == 1, "after a failed fetch the issuer is asked again only after a pause"
 
 
 def test_an_explicit_jwks_url_needs_no_discovery(idp):
@@ -313,3 +372,7 @@ def test_a_discovery_document_naming_another_issuer_is_not_trusted(idp):
     with pytest.raises(IdentityProviderUnavailable):
         verifier.authenticate(idp.token("admin", iss=pretender))
     assert idp.hits == {"discovery": 1, "jwks": 0}
+
+
+def test_an_empty_subject_is_not_a_principal(oidc_app, idp):
+    assert get(oidc_app().test_client(), idp.token("admin", sub="")).status_code == 401

@@ -198,11 +198,10 @@ def add_token(name: str, role: str) -> None:
     """Make a token for NAME with ROLE (reader, writer, admin, or a name TM_AUTH_ROLE_MAP maps): the token is
     printed once, only its SHA-256 is kept."""
     from .adapters.api_tokens import add_token as append_token
-    from .adapters.base import RoleMap
 
     settings = _settings()
     try:
-        token = append_token(settings.tokens_path, name, role, RoleMap(settings.auth_role_map))
+        token = append_token(settings.tokens_path, name, role, settings.role_map)
     except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"token {name} ({role}) added to {settings.tokens_path}; it is shown only now:", err=True)
@@ -220,7 +219,8 @@ def list_tokens() -> None:
     except (OSError, UnicodeDecodeError) as e:
         raise click.ClickException(f"{settings.tokens_path}: {e}") from None
     for entry in entries:
-        click.echo(f"{entry.name}\t{entry.role}")
+        refused = "" if entry.role in settings.role_map.names else "\t(refused: not a role TM_AUTH_ROLE_MAP maps)"
+        click.echo(f"{entry.name}\t{entry.role}{refused}")
 
 
 @auth.command("remove-token")
@@ -232,7 +232,7 @@ def remove_token(name: str) -> None:
     settings = _settings()
     try:
         removed = drop_token(settings.tokens_path, name)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise click.ClickException(f"{settings.tokens_path}: {e}") from None
     if not removed:
         raise click.ClickException(f"no token named {name!r} in {settings.tokens_path}")

@@ -145,7 +145,8 @@ class Settings:
         metadata={
             "env": "TM_AUTH_ROLE_MAP",
             "doc": "comma-separated NAME=ROLE pairs mapping the role names of tokens and JWT claims to the API's "
-            "roles reader, writer and admin (which always map to themselves), e.g. tm-admin=admin",
+            "roles reader, writer and admin, e.g. tm-admin=admin; only the names listed count. Empty: each of "
+            "reader, writer, admin maps to itself",
         },
     )
     oidc_issuer: str = field(
@@ -403,16 +404,21 @@ class Settings:
                 raise SettingsError("TM_AUTH=oidc needs TM_OIDC_AUDIENCE")
             if self.oidc_jwks_url and not self.oidc_jwks_url.startswith(("https://", "http://")):
                 raise SettingsError("TM_OIDC_JWKS_URL must be an http(s) URL")
-        from .adapters.base import RoleMap  # parsing only
-
         try:
-            RoleMap(self.auth_role_map)
+            self.role_map  # noqa: B018 - parsed to validate
         except ValueError as e:
             raise SettingsError(str(e)) from None
         try:
             self.callback_networks  # noqa: B018 - parsed to validate
         except ValueError as e:
             raise SettingsError(f"TM_CALLBACK_ALLOWED_NETWORKS: {e}") from None
+
+    @cached_property
+    def role_map(self) -> Any:
+        """TM_AUTH_ROLE_MAP parsed (a RoleMap)."""
+        from .adapters.base import RoleMap  # parsing only
+
+        return RoleMap(self.auth_role_map)
 
     @cached_property
     def callback_networks(self) -> list[Any]:

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 
-from .adapters.base import RoleMap
 from .config import Settings
 from .extensions import db
 from .secrets import TokenCipher
@@ -128,16 +127,17 @@ class Container:
     def authenticator(self) -> "Authenticator | None":
         """The authenticator TM_AUTH chooses; None when the API is open (TM_AUTH=none)."""
         s = self.settings
-        role_map = RoleMap(s.auth_role_map)
         if s.auth == "token":
             from .adapters.api_tokens import StaticTokenAuthenticator
 
-            return StaticTokenAuthenticator(s.tokens_path, role_map)
+            return StaticTokenAuthenticator(s.tokens_path, s.role_map)
         if s.auth == "oidc":
             from .adapters.oidc import OidcAuthenticator
 
-            return OidcAuthenticator(s.oidc_issuer, s.oidc_audience, role_map, roles_claim=s.oidc_roles_claim,
+            return OidcAuthenticator(s.oidc_issuer, s.oidc_audience, s.role_map, roles_claim=s.oidc_roles_claim,
                                      jwks_url=s.oidc_jwks_url, timeout=s.http_timeout)
+        if s.auth != "none":  # never an open API by a typo, even with settings that skipped validate()
+            raise ValueError(f"unknown TM_AUTH {s.auth!r}")
         return None
 
     # ------------------------------------------------------------------ services (share the request's session)

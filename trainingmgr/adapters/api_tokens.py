@@ -6,14 +6,19 @@ size, time or inode), so adding or removing a token needs no restart.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import re
 import secrets
+import tempfile
 import threading
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .base import Authenticator, InvalidCredentials, Principal, RoleMap
 
@@ -36,24 +41,75 @@ class TokenEntry:
     digest: str
 
 
+FIELDS = re.compile(r"[ \t]+")  # only spaces and tabs separate fields, and only \n ends a line: what `cat` shows
+
+
+def _lines(text: str) -> list[str]:
+    return [line.rstrip("\r") for line in text.split("\n")]
+
+
+def _entry(line: str) -> TokenEntry | None:
+    """The entry of one line; None for a blank or comment line; ValueError for anything else."""
+    stripped = line.strip(" \t")
+    if not stripped or stripped.startswith("#"):
+        return None
+    parts = FIELDS.split(stripped)
+    if len(parts) != 3 or not NAME.fullmatch(parts[0]) or not HASH.fullmatch(parts[2]) or not parts[1].isprintable():
+        raise ValueError("not NAME ROLE SHA256 (64 lowercase hex digits)")
+    return TokenEntry(*parts)
+
+
 def parse_token_file(text: str, source: str = "token file") -> list[TokenEntry]:
-    """The entries of a token file; a line that is not `NAME ROLE SHA256` is logged and skipped (one bad line
-    must not lock every client out). Blank lines and `#` comments are ignored."""
-    entries = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+    """The entries of a token file. A line that is not `NAME ROLE SHA256`, and every line of a digest that appears
+    more than once, is logged and skipped (one bad line must not lock every client out, nor grant a role
+    nobody can tell). Blank lines and `#` comments are ignored."""
+    entries: list[TokenEntry] = []
+    for number, line in enumerate(_lines(text), start=1):
+        try:
+            entry = _entry(line)
+        except ValueError as e:
+            log.error("%s line %d is %s: skipped", source, number, e)
             continue
-        parts = line.split()
-        if len(parts) != 3 or not NAME.fullmatch(parts[0]) or not HASH.fullmatch(parts[2].lower()):
-            log.error("%s line %d is not NAME ROLE SHA256 (64 hex digits): skipped", source, number)
-            continue
-        entries.append(TokenEntry(parts[0], parts[1], parts[2].lower()))
-    return entries
+        if entry is not None:
+            entries.append(entry)
+    counts = Counter(entry.digest for entry in entries)
+    for entry in entries:
+        if counts[entry.digest] > 1:
+            log.error("%s: token %s has the same hash as another token: both are refused", source, entry.name)
+    return [entry for entry in entries if counts[entry.digest] == 1]
 
 
 def read_token_file(path: Path) -> list[TokenEntry]:
-    return parse_token_file(path.read_text(encoding="utf-8"), str(path)) if path.exists() else []
+    return parse_token_file(path.read_text(encoding="utf-8-sig"), str(path)) if path.exists() else []
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[int]:
+    """The token file, created owner-only if missing, opened for appending and locked against other `auth`
+    commands (the service only reads it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.stat(path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # a remove-token replaced the file while we waited for its lock: take the new one
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _read_all(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8-sig")
 
 
 def add_token(path: Path, name: str, role: str, role_map: RoleMap) -> str:
@@ -63,32 +119,38 @@ def add_token(path: Path, name: str, role: str, role_map: RoleMap) -> str:
                          "digit")
     if role not in role_map.names:
         raise ValueError(f"unknown role {role!r}: use one of {', '.join(sorted(role_map.names))}")
-    if any(entry.name == name for entry in read_token_file(path)):
-        raise ValueError(f"a token named {name!r} exists already: remove it first to replace it")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Owner-only from the start (the file is created with 0600, not chmod-ed afterwards); appends are atomic lines.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a", encoding="utf-8") as f:
-        if f.tell() == 0:
-            f.write("# trainingmgr API tokens: NAME ROLE SHA256(token). Edit with `trainingmgr auth`.\n")
-        f.write(f"{name} {role} {token_hash(token)}\n")
+    with _locked(path) as fd:
+        text = _read_all(fd)
+        if any(entry.name == name for entry in parse_token_file(text, str(path))):
+            raise ValueError(f"a token named {name!r} exists already: remove it first to replace it")
+        lines = "" if text else "# trainingmgr API tokens: NAME ROLE SHA256(token). Edit with `trainingmgr auth`.\n"
+        if text and not text.endswith("\n"):
+            lines = "\n"  # a file edited by hand may lack its last newline: the new line must not join that one
+        os.write(fd, f"{lines}{name} {role} {token_hash(token)}\n".encode())
+        os.fsync(fd)
     return token
 
 
 def remove_token(path: Path, name: str) -> bool:
     """Remove every line of token `name`; False when there was none. The file is replaced atomically."""
-    if not path.exists():
+    if not NAME.fullmatch(name) or not path.exists():
         return False
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if line.split()[:1] != [name]]
-    if len(kept) == len(lines):
-        return False
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(temporary, path)
+    with _locked(path) as fd:
+        lines = _lines(_read_all(fd))
+        kept = [line for line in lines if FIELDS.split(line.strip(" \t"))[0] != name]
+        if len(kept) == len(lines):
+            return False
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600, a new file
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+                f.write("\n".join(kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
     return True
 
 

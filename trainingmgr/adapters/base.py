@@ -177,18 +177,24 @@ class Authenticator(abc.ABC):
 
 
 class RoleMap:
-    """Maps the role names credentials carry (a token file's roles, a JWT's role claim) to the API's roles: each
-    API role maps to itself, and TM_AUTH_ROLE_MAP adds `external=role` pairs (e.g. `tm-admin=admin`)."""
+    """Maps the role names credentials carry (a token file's roles, a JWT's role claim) to the API's roles. Without
+    TM_AUTH_ROLE_MAP each API role name maps to itself; TM_AUTH_ROLE_MAP (`NAME=ROLE` pairs, e.g.
+    `tm-reader=reader,tm-admin=admin`) replaces that, so that only the names it lists count: a realm role that
+    happens to be called `admin` grants nothing unless the map says so."""
 
     def __init__(self, spec: str = ""):
-        self.names: dict[str, str] = {role: role for role in ROLES}
+        self.names: dict[str, str] = {}
         for pair in (p.strip() for p in spec.split(",")):
             if not pair:
                 continue
             external, sep, role = (part.strip() for part in pair.partition("="))
             if not sep or not external or role not in ROLES:
                 raise ValueError(f"TM_AUTH_ROLE_MAP: {pair!r} is not NAME=ROLE with ROLE one of {', '.join(ROLES)}")
+            if external in self.names:
+                raise ValueError(f"TM_AUTH_ROLE_MAP: {external!r} is mapped twice")
             self.names[external] = role
+        if not self.names:
+            self.names = {role: role for role in ROLES}
 
     def roles_of(self, names: Any) -> frozenset[str]:
         """The API roles of an iterable of role names; names this map does not know are ignored."""

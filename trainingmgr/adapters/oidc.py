@@ -3,9 +3,15 @@ provider (Keycloak in the framework's platform), verified with PyJWT against the
 
 What is checked: the signature, with an asymmetric algorithm the key itself is for (never `none`, never an HMAC
 algorithm, whose "secret" would be the public key); `exp` and `nbf` with LEEWAY_SECONDS of clock skew; `iss`;
-`aud`; a `sub`. The keys are fetched on first use (the issuer's discovery document names them unless
-TM_OIDC_JWKS_URL does), cached for KEYS_LIFESPAN_SECONDS and fetched again early for a key id not seen yet, at most
-once per `refresh_cooldown` seconds, so tokens with made-up key ids cannot make the service hammer the issuer.
+`aud`; a non-empty `sub`.
+
+The keys: fetched on first use (the issuer's discovery document names them unless TM_OIDC_JWKS_URL does) and kept
+for KEYS_LIFESPAN_SECONDS. A token whose key is known never waits for the network: when the keys are due for a
+refresh, one request refreshes them while the others go on with the keys they have, and if the issuer cannot be
+reached the known keys stay in use (a rotated-out key stops working once a refresh succeeds). A key id not seen yet
+makes the service fetch the keys again, at most once per `refresh_cooldown` seconds, so tokens with made-up key ids
+cannot make it hammer the issuer; after a failed fetch it asks again only after FETCH_RETRY_SECONDS, answering
+"unavailable" meanwhile without waiting.
 """
 from __future__ import annotations
 
@@ -15,8 +21,6 @@ import time
 from typing import Any
 
 import jwt
-from jwt import PyJWKClient
-from jwt.exceptions import PyJWKClientConnectionError, PyJWKClientError, PyJWKError, PyJWKSetError
 
 from .base import Authenticator, IdentityProviderUnavailable, InvalidCredentials, Principal, RoleMap
 
@@ -25,7 +29,7 @@ log = logging.getLogger(__name__)
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 LEEWAY_SECONDS = 30
 KEYS_LIFESPAN_SECONDS = 300
-DISCOVERY_RETRY_SECONDS = 5  # while the issuer cannot be reached, ask it again at most this often
+FETCH_RETRY_SECONDS = 5  # after the issuer could not be reached, ask it again at most this often
 
 
 class OidcAuthenticator(Authenticator):
@@ -38,57 +42,76 @@ class OidcAuthenticator(Authenticator):
         self.timeout = timeout
         self.refresh_cooldown = refresh_cooldown
         self._jwks_url = jwks_url
-        self._client: PyJWKClient | None = None
-        self._lock = threading.Lock()
-        self._discovery_failed_at = float("-inf")
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at = float("-inf")  # time.monotonic() of the last fetch that succeeded
+        self._failed_at = float("-inf")  # ... and of the last that did not
+        self._fetching = threading.Lock()
 
     # ------------------------------------------------------------------ keys
-    def _keys(self) -> PyJWKClient:
-        if self._client is not None:
-            return self._client
-        with self._lock:
-            if self._client is None:
-                url = self._jwks_url or self._discover_jwks_url()
-                self._client = PyJWKClient(url, cache_jwk_set=True, lifespan=KEYS_LIFESPAN_SECONDS,
-                                           timeout=self.timeout, cooldown_duration=self.refresh_cooldown)
-            return self._client
+    def _signing_key(self, kid: str) -> jwt.PyJWK:
+        key = self._keys.get(kid)
+        if key is not None:
+            if time.monotonic() - self._fetched_at >= KEYS_LIFESPAN_SECONDS and self._fetching.acquire(blocking=False):
+                try:  # due for a refresh, and no other request is at it; on failure the known keys stay
+                    self._refresh(keep_on_failure=True)
+                finally:
+                    self._fetching.release()
+                key = self._keys.get(kid)
+            if key is not None:
+                return key
+            raise InvalidCredentials("the token is signed with a key the identity provider no longer publishes")
+        with self._fetching:  # an unknown key id: wait for a fetch in progress, which may bring it
+            if kid not in self._keys and time.monotonic() - self._fetched_at >= self.refresh_cooldown:
+                self._refresh(keep_on_failure=False)
+            key = self._keys.get(kid)
+        if key is None:
+            raise InvalidCredentials("the token is signed with a key the identity provider does not publish")
+        return key
+
+    def _refresh(self, *, keep_on_failure: bool) -> None:
+        """Fetch the key set (the caller holds the lock)."""
+        if time.monotonic() - self._failed_at < FETCH_RETRY_SECONDS:
+            if keep_on_failure:
+                return
+            raise IdentityProviderUnavailable("the identity provider could not be reached")
+        try:
+            url = self._jwks_url or self._discover_jwks_url()
+            key_set = jwt.PyJWKSet.from_dict(self._get_json(url))
+        except Exception as e:  # noqa: BLE001 - whatever the issuer or the network did, it is "unavailable"
+            self._failed_at = time.monotonic()
+            log.error("the identity provider's keys could not be fetched: %s: %s", e.__class__.__name__,
+                      str(e)[:300])
+            if keep_on_failure:
+                return
+            raise IdentityProviderUnavailable("the identity provider's keys could not be fetched") from None
+        self._keys = {key.key_id: key for key in key_set.keys
+                      if key.key_id and key.public_key_use in ("sig", None)
+                      and key.algorithm_name in ASYMMETRIC_ALGORITHMS}
+        self._fetched_at = time.monotonic()
+        log.info("identity provider keys fetched: %d signing keys", len(self._keys))
 
     def _discover_jwks_url(self) -> str:
         """`jwks_uri` of the issuer's discovery document, which must name the same issuer (OpenID Connect
-        Discovery 1.0, section 4.3)."""
-        if time.monotonic() - self._discovery_failed_at < DISCOVERY_RETRY_SECONDS:
-            raise IdentityProviderUnavailable("the identity provider could not be reached")
-        import requests
-
-        url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
-        try:
-            response = requests.get(url, timeout=self.timeout, allow_redirects=False)
-            response.raise_for_status()
-            document = response.json()
-            if document.get("issuer") != self.issuer:
-                raise ValueError(f"it names issuer {str(document.get('issuer'))[:200]!r}, not TM_OIDC_ISSUER")
-            jwks_uri = document["jwks_uri"]
-            if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("http://", "https://")):
-                raise ValueError("its jwks_uri is not an http(s) URL")
-        except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as e:
-            self._discovery_failed_at = time.monotonic()
-            log.error("OIDC discovery at %s failed: %s", url, str(e)[:300])
-            raise IdentityProviderUnavailable("the identity provider could not be reached") from None
+        Discovery 1.0, section 4.3). Remembered once found."""
+        document = self._get_json(self.issuer.rstrip("/") + "/.well-known/openid-configuration")
+        if document.get("issuer") != self.issuer:
+            raise ValueError(f"the discovery document names issuer {str(document.get('issuer'))[:200]!r}, not "
+                             "TM_OIDC_ISSUER")
+        jwks_uri = document.get("jwks_uri")
+        if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("http://", "https://")):
+            raise ValueError("the discovery document's jwks_uri is not an http(s) URL")
+        self._jwks_url = jwks_uri
         return jwks_uri
 
-    def _signing_key(self, kid: str) -> jwt.PyJWK:
-        try:
-            return self._keys().get_signing_key(kid)
-        except PyJWKClientConnectionError as e:
-            log.error("the identity provider's keys could not be fetched: %s", str(e)[:300])
-            raise IdentityProviderUnavailable("the identity provider's keys could not be fetched") from None
-        except (PyJWKClientError, PyJWKSetError, PyJWKError) as e:
-            # An unknown key id, or a key set with no usable key for it.
-            log.info("no signing key for a token's kid: %s", str(e)[:300])
-            raise InvalidCredentials("the token is signed with a key the identity provider does not publish") from None
-        except ValueError as e:  # a key set that is not JSON
-            log.error("the identity provider's key set cannot be read: %s", str(e)[:300])
-            raise IdentityProviderUnavailable("the identity provider's keys could not be read") from None
+    def _get_json(self, url: str) -> dict[str, Any]:
+        import requests
+
+        response = requests.get(url, timeout=self.timeout, allow_redirects=False)
+        response.raise_for_status()
+        document = response.json()
+        if not isinstance(document, dict):
+            raise ValueError(f"{url} did not answer a JSON object")
+        return document
 
     # ------------------------------------------------------------------ tokens
     def authenticate(self, credential: str) -> Principal:
@@ -102,8 +125,6 @@ class OidcAuthenticator(Authenticator):
         if not isinstance(kid, str) or not kid:
             raise InvalidCredentials("the token names no signing key (kid)")
         key = self._signing_key(kid)
-        if key.algorithm_name not in ASYMMETRIC_ALGORITHMS:
-            raise InvalidCredentials("the token is signed with a key the identity provider does not publish")
         try:
             # The key fixes the algorithm: PyJWT refuses a token whose header names another one.
             claims = jwt.decode(credential, key=key, algorithms=[key.algorithm_name], audience=self.audience,
@@ -121,7 +142,9 @@ class OidcAuthenticator(Authenticator):
             raise InvalidCredentials(f"the token has no {e.claim} claim") from None
         except jwt.PyJWTError:
             raise InvalidCredentials("the token's signature or content is not valid") from None
-        return Principal(str(claims["sub"])[:128], self.role_map.roles_of(self._role_names(claims)))
+        if not isinstance(claims["sub"], str) or not claims["sub"].strip():
+            raise InvalidCredentials("the token has no sub claim")
+        return Principal(claims["sub"][:128], self.role_map.roles_of(self._role_names(claims)))
 
     def _role_names(self, claims: dict[str, Any]) -> list[str]:
         """The values of the roles claim (a dotted path): a list of names, or one space-separated string."""

@@ -100,8 +100,10 @@ def _principal(authenticator: Authenticator) -> Principal:
     credential = credential.strip()
     if not scheme:
         raise Unauthorized("This operation needs a credential: send Authorization: Bearer <token>.")
-    if scheme.lower() != "bearer" or not credential:
-        raise Unauthorized("Only Bearer credentials are accepted: send Authorization: Bearer <token>.",
+    if scheme.lower() != "bearer":  # another scheme is not an invalid token, just not ours (RFC 6750, 3.1)
+        raise Unauthorized("Only Bearer credentials are accepted: send Authorization: Bearer <token>.")
+    if not credential:
+        raise Unauthorized("The Bearer credential is empty: send Authorization: Bearer <token>.",
                            invalid_token=True)
     if len(credential) > MAX_CREDENTIAL_LENGTH:
         raise Unauthorized("The bearer token is not valid: it is too long.", invalid_token=True)

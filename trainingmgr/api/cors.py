@@ -6,7 +6,7 @@ from flask import Flask, Response, request
 
 # What the framework's clients send, and what they need to read back.
 ALLOWED_HEADERS = ["Content-Type", "Authorization", "X-Request-ID", "Idempotency-Key"]
-EXPOSED_HEADERS = ["Location", "Link", "X-Request-ID"]
+EXPOSED_HEADERS = ["Location", "Link", "X-Request-ID", "WWW-Authenticate", "Retry-After"]
 PREFLIGHT_MAX_AGE = 600  # seconds a browser may reuse a preflight answer
 
 
