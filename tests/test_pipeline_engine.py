@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from trainingmgr.adapters.base import AdapterError, RunStatus
-from trainingmgr.adapters.pipeline_engine import LOST, TERMINATED, LocalPipelineEngine, declared_parameters
+from trainingmgr.adapters.pipeline_engine import LOST, TERMINATED, LocalPipelineEngine
+from trainingmgr.adapters.pipeline_files import declared_parameters
 
 RUN_TIMEOUT = 60.0  # seconds a tiny run may take (usually well under 2)
 

@@ -34,7 +34,7 @@ import yaml
 from kfp_server_api.exceptions import ApiException
 
 from .base import AdapterError, PipelineEngine, RunStatus
-from .pipeline_engine import _coerce, _load_spec, _parameter_definitions
+from .pipeline_files import coerce_parameter, load_spec, parameter_definitions
 from .pipeline_files import yaml_documents
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class KfpPipelineEngine(PipelineEngine):
         name but another content (another installation's) makes the upload go under "<name>-v<n>-<sha256[:8]>".
         """
         file_path = Path(file_path)
-        spec = _load_spec(file_path)
+        spec = load_spec(file_path)
         digest = hashlib.sha256(file_path.read_bytes()).hexdigest()[:8]
         primary = f"{pipeline_name}-v{version}"
         fallback = f"{primary}-{digest}"
@@ -243,11 +243,11 @@ class KfpPipelineEngine(PipelineEngine):
         from kfp_server_api import V2beta1PipelineVersionReference, V2beta1Run, V2beta1RuntimeConfig
 
         file_path = Path(file_path)
-        declared = _parameter_definitions(_load_spec(file_path))
+        declared = parameter_definitions(load_spec(file_path))
         dropped = sorted(set(parameters) - set(declared))
         if dropped:
             log.info("parameters not declared by the pipeline left out", extra={"run_id": run_id, "dropped": dropped})
-        params = {k: _coerce(v, declared[k]) for k, v in parameters.items() if k in declared}
+        params = {k: coerce_parameter(v, declared[k]) for k, v in parameters.items() if k in declared}
         reference = package = None
         if engine_ref:
             pipeline_id, version_id = _parse_ref(engine_ref)

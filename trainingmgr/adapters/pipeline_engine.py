@@ -28,10 +28,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
 
 from .base import AdapterError, PipelineEngine, RunStatus
-from .pipeline_files import yaml_documents
+from .pipeline_files import coerce_parameter, load_spec, parameter_definitions
 
 log = logging.getLogger(__name__)
 
@@ -43,64 +42,6 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # How much of the end of output.log is searched for the failed task's exception.
 LOG_TAIL_BYTES = 64 * 1024
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)
-
-
-# ------------------------------------------------------------------------------------------- pipeline files
-def _load_spec(file_path: Path) -> dict[str, Any]:
-    """The pipeline spec: the first YAML document of a compiled pipeline (a second one may hold platform config)."""
-    try:
-        with open(file_path, encoding="utf-8") as f:
-            document = next(yaml_documents(f), None)
-    except FileNotFoundError:
-        raise AdapterError(f"pipeline file {file_path} does not exist") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise AdapterError(f"pipeline file {file_path} cannot be read: {e.__class__.__name__}") from None
-    if not isinstance(document, dict):
-        raise AdapterError(f"pipeline file {file_path} is not a compiled pipeline")
-    return document
-
-
-def _parameter_definitions(spec: dict[str, Any]) -> dict[str, Any]:
-    root = spec.get("root")
-    inputs = root.get("inputDefinitions") if isinstance(root, dict) else None
-    parameters = inputs.get("parameters") if isinstance(inputs, dict) else None
-    return parameters if isinstance(parameters, dict) else {}
-
-
-def _coerce(value: Any, definition: Any) -> Any:
-    """A string parameter turned into the type the pipeline declares for it ("3" for an int is 3).
-
-    Callers pass every parameter as a string (the reference's pipelines declare strings); a value that does not
-    convert is passed unchanged, and kfp fails the run saying which input has the wrong type.
-    """
-    kind = definition.get("parameterType") if isinstance(definition, dict) else None
-    if not isinstance(value, str) or kind in (None, "STRING"):
-        return value
-    text = value.strip()
-    try:
-        if kind == "NUMBER_INTEGER":
-            return int(text)
-        if kind == "NUMBER_DOUBLE":
-            return float(text)
-        if kind == "BOOLEAN":
-            lowered = text.lower()
-            if lowered in ("true", "1", "yes"):
-                return True
-            if lowered in ("false", "0", "no"):
-                return False
-            return value
-        if kind in ("LIST", "STRUCT"):
-            parsed = json.loads(text)
-            expected = list if kind == "LIST" else dict
-            return parsed if isinstance(parsed, expected) else value
-    except (ValueError, RecursionError):  # RecursionError: a list or object nested too deeply
-        return value
-    return value
-
-
-def declared_parameters(file_path: Path) -> set[str]:
-    """The names of the parameters the compiled pipeline declares (root.inputDefinitions.parameters)."""
-    return set(_parameter_definitions(_load_spec(Path(file_path))))
 
 
 # ------------------------------------------------------------------------------------------- processes
@@ -227,13 +168,13 @@ class LocalPipelineEngine(PipelineEngine):
         """
         run_dir = self._run_dir(run_id)
         file_path = Path(file_path).resolve()
-        declared = _parameter_definitions(_load_spec(file_path))
+        declared = parameter_definitions(load_spec(file_path))
         dropped = sorted(set(parameters) - set(declared))
         if dropped:
             log.info("parameters not declared by the pipeline left out", extra={"run_id": run_id, "dropped": dropped})
         request = {
             "pipeline_file": str(file_path),
-            "parameters": {k: _coerce(v, declared[k]) for k, v in parameters.items() if k in declared},
+            "parameters": {k: coerce_parameter(v, declared[k]) for k, v in parameters.items() if k in declared},
         }
         with self._start_lock():
             if (run_dir / "pid").exists():

@@ -1,10 +1,15 @@
 """Reading compiled pipeline files (the YAML the kfp compiler writes): the pipeline spec is the first document, a
-second one may hold platform config."""
+second one may hold platform config; its declared parameters and the conversion of string values to their types.
+Shared by both pipeline engines."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import IO, Any, Iterator
 
 import yaml
+
+from .base import AdapterError
 
 # libyaml's parser where PyYAML has it (its wheels do): about 14x faster on a compiled pipeline (0.8 ms instead of
 # 11 ms for the example), which every run start pays. Same safe types, same yaml.YAMLError family.
@@ -35,3 +40,60 @@ SAFE_LOADER = _Loader
 
 def yaml_documents(stream: str | IO[str]) -> Iterator[Any]:
     return yaml.load_all(stream, Loader=SAFE_LOADER)
+
+
+def load_spec(file_path: Path) -> dict[str, Any]:
+    """The pipeline spec: the first YAML document of a compiled pipeline (a second one may hold platform config)."""
+    try:
+        with open(file_path, encoding="utf-8") as f:
+            document = next(yaml_documents(f), None)
+    except FileNotFoundError:
+        raise AdapterError(f"pipeline file {file_path} does not exist") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise AdapterError(f"pipeline file {file_path} cannot be read: {e.__class__.__name__}") from None
+    if not isinstance(document, dict):
+        raise AdapterError(f"pipeline file {file_path} is not a compiled pipeline")
+    return document
+
+
+def parameter_definitions(spec: dict[str, Any]) -> dict[str, Any]:
+    root = spec.get("root")
+    inputs = root.get("inputDefinitions") if isinstance(root, dict) else None
+    parameters = inputs.get("parameters") if isinstance(inputs, dict) else None
+    return parameters if isinstance(parameters, dict) else {}
+
+
+def coerce_parameter(value: Any, definition: Any) -> Any:
+    """A string parameter turned into the type the pipeline declares for it ("3" for an int is 3).
+
+    Callers pass every parameter as a string (the reference's pipelines declare strings); a value that does not
+    convert is passed unchanged, and kfp fails the run saying which input has the wrong type.
+    """
+    kind = definition.get("parameterType") if isinstance(definition, dict) else None
+    if not isinstance(value, str) or kind in (None, "STRING"):
+        return value
+    text = value.strip()
+    try:
+        if kind == "NUMBER_INTEGER":
+            return int(text)
+        if kind == "NUMBER_DOUBLE":
+            return float(text)
+        if kind == "BOOLEAN":
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            return value
+        if kind in ("LIST", "STRUCT"):
+            parsed = json.loads(text)
+            expected = list if kind == "LIST" else dict
+            return parsed if isinstance(parsed, expected) else value
+    except (ValueError, RecursionError):  # RecursionError: a list or object nested too deeply
+        return value
+    return value
+
+
+def declared_parameters(file_path: Path) -> set[str]:
+    """The names of the parameters the compiled pipeline declares (root.inputDefinitions.parameters)."""
+    return set(parameter_definitions(load_spec(Path(file_path))))
