@@ -248,7 +248,7 @@ def training_config(i: int) -> dict[str, Any]:
 
 
 def job_rows(count: int, model_id: int, fg_id: int) -> list[dict[str, Any]]:
-    from trainingmgr.services import lifecycle as lc
+    from trainingmgr.models import lifecycle as lc
 
     rng = random.Random(count)
     start = datetime.now(timezone.utc) - timedelta(minutes=10 * count)

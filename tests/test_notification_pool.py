@@ -28,7 +28,7 @@ from trainingmgr.config import Settings
 from trainingmgr.extensions import db
 from trainingmgr.models import WorkItem
 from trainingmgr.models.base import utcnow
-from trainingmgr.workers.queue import EXTRACT, NOTIFY, WorkQueue
+from trainingmgr.models.work_queue import EXTRACT, NOTIFY, WorkQueue
 
 # Receivers on this machine must be allowed by the outbound address policy.
 LOCAL_RECEIVERS = ({"outbound_allow": "127.0.0.1/32,localhost"}

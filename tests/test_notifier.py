@@ -13,7 +13,8 @@ from typing import Iterator
 
 import pytest
 
-from trainingmgr.adapters.notifier import HttpNotifier, sign, steps_state_body
+from trainingmgr.adapters.notifier import HttpNotifier, sign
+from trainingmgr.models.lifecycle import notification_body as steps_state_body
 from trainingmgr.adapters.outbound import OutboundPolicy
 
 # The receivers here are local HTTP servers standing in for rApps: this machine's loopback is allowed explicitly.

@@ -226,7 +226,7 @@ def test_a_failure_callback_is_a_wake_up_not_a_verdict(setup, worker, tmp_path):
 
 
 def test_a_callback_about_another_run_is_ignored(setup, worker, tmp_path, monkeypatch):
-    from trainingmgr.workers.queue import WorkQueue
+    from trainingmgr.models.work_queue import WorkQueue
 
     client = setup
     upload(client, "naps", slow_pipeline(tmp_path, seconds=20))

@@ -34,6 +34,7 @@ import yaml
 from kfp_server_api.exceptions import ApiException
 
 from .base import AdapterError, PipelineEngine, RunStatus
+from ..models.lifecycle import RunState, run_state
 from .pipeline_files import coerce_parameter, load_spec, parameter_definitions
 from .pipeline_files import yaml_documents
 
@@ -45,10 +46,6 @@ EXPERIMENT = "Default"
 PAGE_SIZE = 200  # the server's cap on page_size
 MAX_PAGES = 1000  # a server that keeps answering next_page_token cannot keep us forever
 EQUALS = 1  # filter.proto Predicate.Operation.EQUALS, as kfp.Client sends it
-SUCCEEDED = "SUCCEEDED"
-# wire-compat: SUCCEEDED is success; these are failures; anything else (PENDING, RUNNING, CANCELING, PAUSED,
-# RUNTIME_STATE_UNSPECIFIED ...) is progress.
-FAILED_STATES = frozenset({"FAILED", "ERROR", "SKIPPED", "TERMINATED", "CANCELED"})
 CAPACITY = 1_000_000  # the cluster schedules: the service never holds a run back
 _TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, OSError)  # refused, reset, timed out, DNS
 
@@ -297,9 +294,10 @@ class KfpPipelineEngine(PipelineEngine):
             raise
         state = str(run.state or "").upper()
         ended_at = _aware(getattr(run, "finished_at", None))
-        if state == SUCCEEDED:
-            return RunStatus(SUCCEEDED, ended_at=ended_at)
-        if state in FAILED_STATES:
+        ended = run_state(state)  # KFP's word in the service's vocabulary (the lifecycle module owns it)
+        if ended == RunState.SUCCEEDED:
+            return RunStatus(RunState.SUCCEEDED.value, ended_at=ended_at)
+        if ended == RunState.FAILED:
             message = getattr(run.error, "message", None) if run.error is not None else None
             return RunStatus("FAILED", error=f"pipeline run ended {state}" + (f": {message}" if message else ""),
                              ended_at=ended_at)

@@ -2,7 +2,7 @@
 so a restart does not lose them and a slow receiver never holds a worker for more than one timeout.
 
 The wire body is what the reference sent (see wire-compat.md, "rApp notification"): the steps_state serialised to a
-JSON string, sent as a JSON string literal. Our additions are headers only: X-TM-Delivery-Id (the same for every
+JSON string (models.lifecycle.notification_body), sent as a JSON string literal. Our additions are headers only: X-TM-Delivery-Id (the same for every
 attempt of one notification, so receivers can drop duplicates) and, with a key, X-TM-Signature.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import json
 import logging
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -21,21 +21,8 @@ from .outbound import OutboundDenied, OutboundPolicy, guarded_session
 
 log = logging.getLogger(__name__)
 
-# The order the reference's receivers see the steps in (kept here: adapters do not import services).
-STEP_ORDER = (
-    "DATA_EXTRACTION",
-    "DATA_EXTRACTION_AND_TRAINING",
-    "TRAINING",
-    "TRAINING_AND_TRAINED_MODEL",
-    "TRAINED_MODEL",
-)
 DELIVERY_HEADER = "X-TM-Delivery-Id"
 SIGNATURE_HEADER = "X-TM-Signature"
-
-
-def steps_state_body(steps_state: Mapping[str, str]) -> str:
-    """steps_state as the JSON text the reference sent: every step, in step order (a missing one is NOT_STARTED)."""
-    return json.dumps({step: steps_state.get(step, "NOT_STARTED") for step in STEP_ORDER})
 
 
 def sign(key: str, body: bytes) -> str:

@@ -13,8 +13,8 @@ from sqlalchemy import func, or_, select
 from ..extensions import db
 from ..models import TrainingJob, WorkItem
 from ..models.base import utcnow
-from ..services import lifecycle as lc
-from ..workers.queue import KINDS
+from ..models import lifecycle as lc
+from ..models.work_queue import KINDS
 
 bp = Blueprint("metrics", __name__)
 

@@ -6,7 +6,7 @@ from werkzeug.routing import BaseConverter
 
 from ..errors import BadRequest, NotFound
 from ..schemas.training_job import ModelTrainingRequestSchema, dump_training_job
-from ..services import lifecycle as lc
+from ..models import lifecycle as lc
 from ..services.pagination import page_request
 from ..services.training_jobs import DEFAULT_EXPERIMENT
 from .common import bounded_limit, json_body, load, next_link, services

@@ -9,7 +9,7 @@ from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, pre_loa
 
 from ..adapters.outbound import parse_url
 from ..adapters.query_filter import FilterError, parse_filter
-from ..services.lifecycle import ordered
+from ..models.lifecycle import ordered
 
 # \Z, not $ ("$" also matches before a trailing newline: "qoe\n" would pass); [0-9], not \d (which takes any
 # script's digits).

@@ -15,10 +15,11 @@ from ..config import Settings
 from ..errors import BadGateway, BadRequest, NotFound, ValidationFailed
 from ..models import FeatureGroup, Model, TrainingJob
 from ..models.feature_group import split_names
-from ..workers.queue import EXTRACT, WATCH_RUN, WorkQueue, utcnow
-from . import lifecycle as lc
+from ..models import lifecycle as lc
+from ..models.base import utcnow
+from ..models.lifecycle import JobStateMachine
+from ..models.work_queue import EXTRACT, WATCH_RUN, WorkQueue
 from .pagination import Page, PageRequest
-from .transitions import JobTransitions
 
 if TYPE_CHECKING:
     from ..adapters.base import DataExtractor, ObjectStore, PipelineEngine
@@ -66,7 +67,7 @@ class TrainingJobService:
         self.settings = settings
         self.adapters = adapters
         self.pipelines = pipelines
-        self.transitions = JobTransitions(session)
+        self.state_machine = JobStateMachine(session)
         self.queue = WorkQueue(session)
 
     # ------------------------------------------------------------------------------------------ create
@@ -296,7 +297,7 @@ class TrainingJobService:
         if run_id is not None and run_id != job.run_id:
             # About another run (an old one, or made up): this job's run is not looked at sooner for it.
             return f"Training job {job_id}: nothing to do (run {run_id} is not the job's current run)"
-        if state in lc.RUN_SUCCEEDED or state in lc.RUN_FAILED:
+        if lc.run_state(state) != lc.RunState.RUNNING:
             # A wake-up, never a verdict (anyone may post it): the watch step asks the engine how the run ended,
             # then collects the model or fails the job (and removes its files); bring it forward.
             self.queue.make_due(job_id, WATCH_RUN)

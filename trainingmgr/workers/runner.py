@@ -24,9 +24,9 @@ from sqlalchemy import exists, select
 from ..errors import database_unavailable, describe_database_error
 from ..extensions import db
 from ..models import TrainingJob, WorkItem
-from ..services import lifecycle as lc
-from ..services.transitions import JobTransitions
-from .queue import KINDS, NOTIFY, WATCH_RUN, LeaseLost, WorkQueue
+from ..models import lifecycle as lc
+from ..models.lifecycle import JobStateMachine
+from ..models.work_queue import KINDS, NOTIFY, WATCH_RUN, LeaseLost, WorkQueue
 from .steps import StepExecutor, job_id_of_run
 
 log = logging.getLogger(__name__)
@@ -154,9 +154,9 @@ class Worker:
                 stuck = list(db.session.scalars(
                     select(TrainingJob).where(TrainingJob.status.in_((lc.NOT_STARTED, lc.IN_PROGRESS)), ~pending)
                 ))
-                transitions = JobTransitions(db.session)
+                state_machine = JobStateMachine(db.session)
                 for job in stuck:
-                    transitions.fail(job, "the job's pending work was lost (service restart); start a new training")
+                    state_machine.fail(job, "the job's pending work was lost (service restart); start a new training")
                 db.session.commit()
                 return len(stuck)
             except Exception as e:

@@ -18,10 +18,10 @@ from sqlalchemy.orm import Session
 from ..adapters.base import AdapterError, ExtractionRequest, RunStatus
 from ..adapters.object_store import model_key
 from ..models import PipelineVersion, TrainingJob
-from ..services import lifecycle as lc
+from ..models import lifecycle as lc
+from ..models.lifecycle import JobStateMachine
 from ..services.training_jobs import featurepath, remove_job_files
-from ..services.transitions import JobTransitions
-from .queue import EXTRACT, NOTIFY, START_RUN, WATCH_RUN, Claim, WorkQueue, utcnow
+from ..models.work_queue import EXTRACT, NOTIFY, START_RUN, WATCH_RUN, Claim, WorkQueue, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class StepExecutor:
         self.settings = container.settings
         self.session = session
         self.queue = WorkQueue(session)
-        self.transitions = JobTransitions(session)
+        self.state_machine = JobStateMachine(session)
 
     def execute(self, claim: Claim) -> None:
         handler = {EXTRACT: self.extract, START_RUN: self.start_run, WATCH_RUN: self.watch_run,
@@ -102,7 +102,7 @@ class StepExecutor:
 
     def _fail(self, claim: Claim, job: TrainingJob, reason: str) -> None:
         reason = self._redacted(job, reason)
-        failed = self.transitions.fail(job, reason)
+        failed = self.state_machine.fail(job, reason)
         self.queue.finish(claim)
         self.session.commit()
         if failed:
@@ -180,9 +180,10 @@ class StepExecutor:
         if state in (lc.FINISHED, lc.FAILED) or job.status == lc.FAILED:
             return self._drop(claim)
         if self._past_deadline(claim):
-            return self._fail(claim, job, f"data extraction did not finish within {self.settings.extraction_deadline} s")
+            return self._fail(claim, job,
+                              f"data extraction did not finish within {self.settings.extraction_deadline} s")
         if state == lc.NOT_STARTED:
-            self.transitions.move(job, (lc.DATA_EXTRACTION, lc.IN_PROGRESS))
+            self.state_machine.move(job, (lc.DATA_EXTRACTION, lc.IN_PROGRESS))
             self.session.commit()
         fg = job.feature_group
         request = ExtractionRequest(
@@ -206,7 +207,8 @@ class StepExecutor:
         except AdapterError as e:
             return self._retry_or_fail(claim, job, e, "data extraction failed")
         if status.state == "COMPLETED":
-            self.transitions.move(job, (lc.DATA_EXTRACTION, lc.FINISHED), (lc.DATA_EXTRACTION_AND_TRAINING, lc.IN_PROGRESS))
+            self.state_machine.move(job, (lc.DATA_EXTRACTION, lc.FINISHED),
+                                    (lc.DATA_EXTRACTION_AND_TRAINING, lc.IN_PROGRESS))
             self.queue.enqueue(job.id, START_RUN, {"dataset_uri": status.dataset_uri or ""})
             self.queue.finish(claim)
             self.session.commit()
@@ -283,7 +285,7 @@ class StepExecutor:
             except AdapterError as e:
                 return self._retry_or_fail(claim, job, e, "the pipeline run could not start")
         job.run_started_at = utcnow()
-        self.transitions.move(job, (lc.DATA_EXTRACTION_AND_TRAINING, lc.FINISHED), (lc.TRAINING, lc.IN_PROGRESS))
+        self.state_machine.move(job, (lc.DATA_EXTRACTION_AND_TRAINING, lc.FINISHED), (lc.TRAINING, lc.IN_PROGRESS))
         self.queue.enqueue(
             job.id, WATCH_RUN, delay=engine.watch_interval,
             deadline_at=utcnow() + timedelta(seconds=self.settings.training_deadline),
@@ -314,7 +316,7 @@ class StepExecutor:
             job.run_ended_at = _run_end(status, job.run_started_at)
             if status.state != "SUCCEEDED":
                 return self._fail(claim, job, f"the pipeline run failed: {status.error or 'no reason given'}")
-            self.transitions.move(job, (lc.TRAINING, lc.FINISHED), (lc.TRAINING_AND_TRAINED_MODEL, lc.IN_PROGRESS))
+            self.state_machine.move(job, (lc.TRAINING, lc.FINISHED), (lc.TRAINING_AND_TRAINED_MODEL, lc.IN_PROGRESS))
             self.session.commit()
             steps = lc.ordered(job.steps_state)
         if steps[lc.TRAINING_AND_TRAINED_MODEL] != lc.IN_PROGRESS:
@@ -344,7 +346,7 @@ class StepExecutor:
             return self._retry_or_fail(claim, job, e, "the trained model could not be stored")
         job.metrics = status.metrics or job.metrics
         job.model_url = self.container.model_url(modelname, modelversion, artifact)
-        self.transitions.move(job, (lc.TRAINING_AND_TRAINED_MODEL, lc.FINISHED), (lc.TRAINED_MODEL, lc.FINISHED))
+        self.state_machine.move(job, (lc.TRAINING_AND_TRAINED_MODEL, lc.FINISHED), (lc.TRAINED_MODEL, lc.FINISHED))
         self.queue.finish(claim)
         self.session.commit()
         engine.cleanup(job.run_id)

@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from ..models import WorkItem
-from ..models.base import utcnow
+from .base import utcnow
+from .work import WorkItem
 
 EXTRACT = "extract"
 START_RUN = "start_run"

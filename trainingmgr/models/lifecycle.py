@@ -1,0 +1,168 @@
+"""A training job's state machine: the one module that owns the job's states, the step order, the pipeline run's
+state vocabulary, which work kind drives which step, and the only code that changes a job's state.
+
+Steps run in order; each is NOT_STARTED, IN_PROGRESS, FINISHED or FAILED, and only ever moves forward. The overall
+status is derived from the steps (any FAILED -> FAILED; all FINISHED -> FINISHED; anything started ->
+IN_PROGRESS; else NOT_STARTED) and stored beside them so lists can filter on it.
+
+JobStateMachine.move is where steps change: it derives the status, and queues the rApp's notification in the same
+transaction (so a notification is never lost nor sent for a change that rolled back).
+"""
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import uuid
+from typing import Mapping
+
+from sqlalchemy.orm import Session
+
+from .base import utcnow
+from .training_job import TrainingJob
+from .work_queue import EXTRACT, NOTIFY, START_RUN, WATCH_RUN, WorkQueue
+
+log = logging.getLogger(__name__)
+
+DATA_EXTRACTION = "DATA_EXTRACTION"
+DATA_EXTRACTION_AND_TRAINING = "DATA_EXTRACTION_AND_TRAINING"
+TRAINING = "TRAINING"
+TRAINING_AND_TRAINED_MODEL = "TRAINING_AND_TRAINED_MODEL"
+TRAINED_MODEL = "TRAINED_MODEL"
+STEPS = (DATA_EXTRACTION, DATA_EXTRACTION_AND_TRAINING, TRAINING, TRAINING_AND_TRAINED_MODEL, TRAINED_MODEL)
+
+NOT_STARTED = "NOT_STARTED"
+IN_PROGRESS = "IN_PROGRESS"
+FINISHED = "FINISHED"
+FAILED = "FAILED"
+_RANK = {NOT_STARTED: 0, IN_PROGRESS: 1, FINISHED: 2, FAILED: 2}
+
+# The step each kind of work drives (notifications drive none): an extract step moves DATA_EXTRACTION, a start_run
+# step DATA_EXTRACTION_AND_TRAINING, a watch_run step TRAINING and then the model's steps.
+WORK_KIND_STEP = {EXTRACT: DATA_EXTRACTION, START_RUN: DATA_EXTRACTION_AND_TRAINING, WATCH_RUN: TRAINING,
+                  NOTIFY: None}
+
+
+class RunState(str, enum.Enum):
+    """Where a pipeline run is, in the service's words; run_state() reads an engine's or a callback's word."""
+
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+
+# The words that end a run (KFP's, wire-compat: SUCCEEDED is success; these are failures; anything else, PENDING,
+# RUNNING, CANCELING, PAUSED ..., is still running); the local engine says SUCCEEDED or FAILED.
+_FAILED_RUN_WORDS = frozenset({"FAILED", "ERROR", "SKIPPED", "TERMINATED", "CANCELED", "CANCELLED"})
+
+
+def run_state(word: str) -> RunState:
+    word = word.strip().upper()
+    if word == RunState.SUCCEEDED:
+        return RunState.SUCCEEDED
+    if word in _FAILED_RUN_WORDS:
+        return RunState.FAILED
+    return RunState.RUNNING
+
+
+class InvalidTransition(Exception):
+    """A change that would move a step backwards or skip ahead: callers treat it as 'nothing to do'."""
+
+
+def initial_steps() -> dict[str, str]:
+    return {step: NOT_STARTED for step in STEPS}
+
+
+def ordered(steps: Mapping[str, str]) -> dict[str, str]:
+    """The steps in their order (JSON columns do not keep key order on every backend)."""
+    return {step: steps.get(step, NOT_STARTED) for step in STEPS}
+
+
+def step_in_progress(steps: Mapping[str, str]) -> str | None:
+    """The step IN_PROGRESS now, if any."""
+    return next((step for step in STEPS if steps.get(step, NOT_STARTED) == IN_PROGRESS), None)
+
+
+def overall_status(steps: Mapping[str, str]) -> str:
+    states = [steps.get(step, NOT_STARTED) for step in STEPS]
+    if FAILED in states:
+        return FAILED
+    if all(s == FINISHED for s in states):
+        return FINISHED
+    if any(s != NOT_STARTED for s in states):
+        return IN_PROGRESS
+    return NOT_STARTED
+
+
+def advance(steps: Mapping[str, str], step: str, state: str) -> dict[str, str]:
+    """A copy of `steps` with `step` moved to `state`, or InvalidTransition if that is not forward.
+
+    The steps before `step` must be FINISHED (a step cannot start before its predecessor ended), except that any
+    step may fail.
+    """
+    current = ordered(steps)
+    if overall_status(current) == FAILED:
+        raise InvalidTransition(f"the job has failed; {step} stays {current[step]}")
+    if _RANK[state] <= _RANK[current[step]]:
+        raise InvalidTransition(f"{step} is {current[step]} already")
+    if state != FAILED:
+        before = STEPS[: STEPS.index(step)]
+        if any(current[s] != FINISHED for s in before):
+            raise InvalidTransition(f"{step} cannot be {state} before the steps ahead of it finished")
+    current[step] = state
+    return current
+
+
+def notification_body(steps_state: Mapping[str, str]) -> str:
+    """The rApp's body, as the reference sent it: every step, in step order, serialised to a JSON string (sent as a
+    JSON string literal)."""
+    return json.dumps(ordered(steps_state))
+
+
+class JobStateMachine:
+    """The only place a job's steps (and so its status) change."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.queue = WorkQueue(session)
+
+    def move(self, job: TrainingJob, *changes: tuple[str, str], notify: bool = True) -> None:
+        """Apply (step, state) changes in order; InvalidTransition if one is not forward."""
+        steps = dict(job.steps_state)
+        for step, state in changes:
+            steps = advance(steps, step, state)
+        job.steps_state = steps
+        job.status = overall_status(steps)
+        job.waiting = None  # a step moved: whatever it waited for is over
+        if job.status == FINISHED:
+            job.finished_at = utcnow()
+        log.info(
+            "job steps changed",
+            extra={"trainingjob_id": job.id, "changes": dict(changes), "job_status": job.status},
+        )
+        if notify:
+            self._notify(job)
+
+    def fail(self, job: TrainingJob, reason: str) -> bool:
+        """Fail the step in progress (or the first not finished); False if the job had ended already."""
+        steps = ordered(job.steps_state)
+        if overall_status(steps) in (FINISHED, FAILED):
+            return False
+        step = step_in_progress(steps) or next(s for s in STEPS if steps[s] != FINISHED)
+        job.failure_reason = reason[:4000]
+        self.move(job, (step, FAILED))
+        log.warning("job failed", extra={"trainingjob_id": job.id, "step": step, "reason": reason[:500]})
+        return True
+
+    def _notify(self, job: TrainingJob) -> None:
+        if not job.notification_url:
+            return
+        self.queue.enqueue(
+            job.id,
+            NOTIFY,
+            {
+                "url": job.notification_url,
+                "body": notification_body(job.steps_state),
+                "delivery_id": uuid.uuid4().hex,
+            },
+        )
