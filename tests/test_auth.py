@@ -57,6 +57,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/ai-ml-model-training/v1/training-jobs/<int:training_job_id>"): READER,
     ("DELETE", "/ai-ml-model-training/v1/training-jobs/<int:training_job_id>"): WRITER,
     ("GET", "/ai-ml-model-training/v1/training-jobs/<training_job_id>/status"): READER,
+    ("GET", "/ai-ml-model-training/v1/training-jobs/<training_job_id>/events"): READER,
     ("GET", "/ai-ml-model-training/v1/training-jobs/<modelname:model_name>/<model_version>"): READER,
     ("GET", "/ai-ml-model-training/v1/training-jobs/get-model-metrics/<trainingjob_id>"): READER,
     ("POST", "/ai-ml-model-training/v1/training-jobs/update-model-metrics/<trainingjob_id>"): WRITER,

@@ -5,7 +5,7 @@ from flask import Blueprint, current_app, request, url_for
 from werkzeug.routing import BaseConverter
 
 from ..errors import BadRequest, NotFound
-from ..schemas.training_job import ModelTrainingRequestSchema, dump_training_job
+from ..schemas.training_job import ModelTrainingRequestSchema, dump_event, dump_training_job
 from ..models import lifecycle as lc
 from ..services.pagination import page_request
 from ..services.training_jobs import DEFAULT_EXPERIMENT
@@ -74,16 +74,29 @@ def delete_training_job(training_job_id: int):
     return response
 
 
+def _id_before_a_word(raw: str) -> int:
+    """The id of `.../training-jobs/<id>/status` (or `/events`). A string, not <int:>: with <int:>, "abc/status"
+    fell through to the model-list route (model "abc", version "status") and answered 200 []. A last segment
+    "status" or "events" is always these routes; the id must be an integer."""
+    if not (raw.isascii() and raw.isdigit()):
+        raise BadRequest(f"Invalid training job id {raw!r}: a positive integer")
+    digits = raw.lstrip("0") or "0"
+    if len(digits) > 19:  # more than any id (and int() refuses more than 4300 digits)
+        raise NotFound(f"Training job {raw} does not exist")
+    return int(digits)
+
+
 @bp.get(f"{V1}/<training_job_id>/status")
 def get_training_job_status(training_job_id: str):
-    # A string, not <int:>: with <int:>, "abc/status" fell through to the model-list route (model "abc", version
-    # "status") and answered 200 []. A last segment "status" is always this route; its id must be an integer.
-    if not (training_job_id.isascii() and training_job_id.isdigit()):
-        raise BadRequest(f"Invalid training job id {training_job_id!r}: a positive integer")
-    digits = training_job_id.lstrip("0") or "0"
-    if len(digits) > 19:  # more than any id (and int() refuses more than 4300 digits)
-        raise NotFound(f"Training job {training_job_id} does not exist")
-    return lc.ordered(services().training_jobs().get(int(digits)).steps_state)
+    return lc.ordered(services().training_jobs().get(_id_before_a_word(training_job_id)).steps_state)
+
+
+@bp.get(f"{V1}/<training_job_id>/events")
+def list_training_job_events(training_job_id: str):
+    """The job's history, oldest first: one event per change of a step (and the job's creation)."""
+    page_req = _page()
+    page = services().training_jobs().events(_id_before_a_word(training_job_id), page_req)
+    return [dump_event(event) for event in page.items], 200, next_link(page, page_req.limit)
 
 
 @bp.get(f"{V1}/<modelname:model_name>/<model_version>")

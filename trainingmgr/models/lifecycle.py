@@ -14,12 +14,14 @@ import enum
 import json
 import logging
 import uuid
+from datetime import datetime
 from typing import Mapping
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from .base import utcnow
-from .training_job import TrainingJob
+from .training_job import JobEvent, TrainingJob
 from .work_queue import EXTRACT, NOTIFY, START_RUN, WATCH_RUN, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -120,22 +122,45 @@ def notification_body(steps_state: Mapping[str, str]) -> str:
 
 
 class JobStateMachine:
-    """The only place a job's steps (and so its status) change."""
+    """The only place a job's steps (and so its status) change. Every change writes its event (the job's history)
+    and the steps' times in the same transaction."""
 
     def __init__(self, session: Session):
         self.session = session
         self.queue = WorkQueue(session)
 
-    def move(self, job: TrainingJob, *changes: tuple[str, str], notify: bool = True) -> None:
-        """Apply (step, state) changes in order; InvalidTransition if one is not forward."""
+    def created(self, job: TrainingJob) -> None:
+        """The job's first event (the job must have its id: flushed)."""
+        self._record(job, None, None, NOT_STARTED, utcnow(), reason="created")
+
+    def move(self, job: TrainingJob, *changes: tuple[str, str], notify: bool = True, reason: str | None = None,
+             attempt: int | None = None) -> None:
+        """Apply (step, state) changes in order; InvalidTransition if one is not forward. `reason` goes with the
+        events of the changes (why a step failed ...), `attempt` says which try of the work it was."""
+        now = utcnow()
         steps = dict(job.steps_state)
+        times = {step: dict(entry) for step, entry in (job.step_times or {}).items()}
+        moved = []
         for step, state in changes:
+            before = ordered(steps)[step]
             steps = advance(steps, step, state)
+            entry = times.setdefault(step, {})
+            if state == IN_PROGRESS:
+                entry["started_at"] = now.isoformat()
+            else:  # ended (a step may end without having been seen to start: TRAINED_MODEL)
+                entry.setdefault("started_at", now.isoformat())
+                entry["ended_at"] = now.isoformat()
+            moved.append((step, before, state))
         job.steps_state = steps
+        job.step_times = times
         job.status = overall_status(steps)
         job.waiting = None  # a step moved: whatever it waited for is over
-        if job.status == FINISHED:
-            job.finished_at = utcnow()
+        if job.started_at is None:
+            job.started_at = now
+        if job.status in (FINISHED, FAILED):
+            job.finished_at = now
+        for step, before, state in moved:
+            self._record(job, step, before, state, now, reason=reason, attempt=attempt)
         log.info(
             "job steps changed",
             extra={"trainingjob_id": job.id, "changes": dict(changes), "job_status": job.status},
@@ -143,16 +168,28 @@ class JobStateMachine:
         if notify:
             self._notify(job)
 
-    def fail(self, job: TrainingJob, reason: str) -> bool:
+    def fail(self, job: TrainingJob, reason: str, *, attempt: int | None = None) -> bool:
         """Fail the step in progress (or the first not finished); False if the job had ended already."""
         steps = ordered(job.steps_state)
         if overall_status(steps) in (FINISHED, FAILED):
             return False
         step = step_in_progress(steps) or next(s for s in STEPS if steps[s] != FINISHED)
         job.failure_reason = reason[:4000]
-        self.move(job, (step, FAILED))
+        self.move(job, (step, FAILED), reason=reason[:4000], attempt=attempt)
         log.warning("job failed", extra={"trainingjob_id": job.id, "step": step, "reason": reason[:500]})
         return True
+
+    def _record(self, job: TrainingJob, step: str | None, before: str | None, after: str, at: datetime, *,
+                reason: str | None = None, attempt: int | None = None) -> None:
+        # The job's event counter is bumped in the database (and the row locked), so concurrent changers of one
+        # job get distinct numbers, in commit order.
+        seq = self.session.execute(
+            update(TrainingJob).where(TrainingJob.id == job.id)
+            .values(event_count=TrainingJob.event_count + 1).returning(TrainingJob.event_count)
+            .execution_options(synchronize_session=False)
+        ).scalar_one()
+        self.session.add(JobEvent(job_id=job.id, seq=seq, at=at, step=step, from_state=before, to_state=after,
+                                  reason=reason, attempt=attempt))
 
     def _notify(self, job: TrainingJob) -> None:
         if not job.notification_url:

@@ -66,7 +66,33 @@ class TrainingJob(TimestampMixin, Base):
     )
     run_started_at: Mapped[Optional[datetime]] = mapped_column(UtcDateTime)
     run_ended_at: Mapped[Optional[datetime]] = mapped_column(UtcDateTime)
+    # When the first step started, and when the job ended (FINISHED, FAILED or CANCELLED).
+    started_at: Mapped[Optional[datetime]] = mapped_column(UtcDateTime)
     finished_at: Mapped[Optional[datetime]] = mapped_column(UtcDateTime)
+    # {step: {"started_at": ISO time, "ended_at": ISO time}} as the steps moved (JobStateMachine).
+    step_times: Mapped[Optional[dict[str, dict[str, str]]]] = mapped_column(JSON)
+    # Events written so far: the next event's seq is this plus one (bumped in the row the change updates anyway).
+    event_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
 
     model: Mapped[Model] = relationship(lazy="joined")
     feature_group: Mapped[FeatureGroup] = relationship(lazy="joined")
+
+
+class JobEvent(Base):
+    """One change of a job's state, written in the transaction that made it (JobStateMachine): the job's history,
+    and what the event stream serves. `id` orders every job's events (the stream's cursor); `seq` numbers one job's
+    events from 1."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_job_events_job_seq"), NEVER_REUSED_IDS)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"), nullable=False,
+                                        index=True)
+    seq: Mapped[int] = mapped_column(Integer, nullable=False)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    step: Mapped[Optional[str]] = mapped_column(String(40))  # None: the job as a whole (created, cancelled ...)
+    from_state: Mapped[Optional[str]] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16), nullable=False)
+    reason: Mapped[Optional[str]] = mapped_column(Text)
+    attempt: Mapped[Optional[int]] = mapped_column(Integer)

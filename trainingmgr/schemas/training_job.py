@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from typing import Any
 
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, pre_load, validate, validates
@@ -223,4 +224,31 @@ def dump_training_job(job: Any, *, metrics_url: str) -> dict[str, Any]:
         "deletion_in_progress": job.deletion_in_progress,
         "created_at": job.created_at.isoformat(),
         "updated_at": job.updated_at.isoformat(),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "steps": dump_steps(job.steps_state, job.step_times or {}),
     }
+
+
+def _iso(moment: Any) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def dump_steps(steps_state: dict[str, str], step_times: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
+    """Each step in order: its state, when it started and ended, and how long it took (seconds; null until it
+    ended)."""
+    steps = []
+    for step, state in ordered(steps_state).items():
+        times = step_times.get(step) or {}
+        started, ended = times.get("started_at"), times.get("ended_at")
+        duration = None
+        if started and ended:
+            duration = round((datetime.fromisoformat(ended) - datetime.fromisoformat(started)).total_seconds(), 3)
+        steps.append({"name": step, "state": state, "started_at": started, "finished_at": ended,
+                      "duration_seconds": duration})
+    return steps
+
+
+def dump_event(event: Any) -> dict[str, Any]:
+    return {"id": event.id, "seq": event.seq, "time": event.at.isoformat(), "step": event.step,
+            "from": event.from_state, "to": event.to_state, "reason": event.reason, "attempt": event.attempt}

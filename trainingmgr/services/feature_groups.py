@@ -17,7 +17,7 @@ from ..models import FeatureGroup, TrainingJob
 from ..schemas.feature_group import SOURCE_FIELDS
 from ..schemas.fields import NAME_PATTERN, NAME_RULE
 from ..secrets import MASK, TokenCipher
-from .pagination import Page, PageRequest
+from .pagination import Page, PageRequest, keyset_page
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,7 @@ class FeatureGroupService:
         return fg
 
     def list(self, page: PageRequest) -> Page[FeatureGroup]:
-        query = select(FeatureGroup).order_by(FeatureGroup.name).limit(page.limit + 1)
-        if page.after is not None:
-            query = query.where(FeatureGroup.name > page.after)
-        rows = list(self.session.scalars(query))
-        more = len(rows) > page.limit
-        rows = rows[: page.limit]
-        return Page(rows, rows[-1].name if more else None)
+        return keyset_page(self.session, select(FeatureGroup), FeatureGroup.name, page)
 
     def create(self, data: dict[str, Any]) -> FeatureGroup:
         name = data["featuregroup_name"]

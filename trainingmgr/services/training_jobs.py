@@ -13,13 +13,13 @@ from ..adapters.base import AdapterError
 from ..adapters.outbound import OutboundDenied, OutboundPolicy
 from ..config import Settings
 from ..errors import BadGateway, BadRequest, NotFound, ValidationFailed
-from ..models import FeatureGroup, Model, TrainingJob
+from ..models import FeatureGroup, JobEvent, Model, TrainingJob
 from ..models.feature_group import split_names
 from ..models import lifecycle as lc
 from ..models.base import utcnow
 from ..models.lifecycle import JobStateMachine
 from ..models.work_queue import EXTRACT, WATCH_RUN, WorkQueue
-from .pagination import Page, PageRequest
+from .pagination import Page, PageRequest, keyset_page
 
 if TYPE_CHECKING:
     from ..adapters.base import DataExtractor, ObjectStore, PipelineEngine
@@ -147,6 +147,7 @@ class TrainingJobService:
         )
         self.session.add(job)
         self.session.flush()
+        self.state_machine.created(job)
         self.queue.enqueue(job.id, EXTRACT, deadline_at=utcnow() + timedelta(seconds=self.settings.extraction_deadline))
         self.session.commit()
         log.info("training job created", extra={"trainingjob_id": job.id, "artifact_version": job.artifact_version,
@@ -211,17 +212,17 @@ class TrainingJobService:
     def list(self, page: PageRequest, *, modelname: str | None = None, modelversion: str | None = None
              ) -> Page[TrainingJob]:
         """Newest first, keyset-paged by id."""
-        query = select(TrainingJob).order_by(TrainingJob.id.desc()).limit(page.limit + 1)
+        query = select(TrainingJob)
         if modelname is not None:
             query = query.join(Model, TrainingJob.model_id == Model.id).where(
                 Model.modelname == modelname, Model.modelversion == modelversion
             )
-        if page.after is not None:
-            query = query.where(TrainingJob.id < page.after)
-        rows = list(self.session.scalars(query).unique())
-        more = len(rows) > page.limit
-        rows = rows[: page.limit]
-        return Page(rows, rows[-1].id if more else None)
+        return keyset_page(self.session, query, TrainingJob.id, page, descending=True)
+
+    def events(self, job_id: int, page: PageRequest) -> Page[JobEvent]:
+        """The job's events, oldest first, keyset-paged by their number (seq)."""
+        self.get(job_id)  # 404 for a job that does not exist
+        return keyset_page(self.session, select(JobEvent).where(JobEvent.job_id == job_id), JobEvent.seq, page)
 
     def nth_training(self, modelname: str, number: int) -> TrainingJob:
         """The older `/trainingjobs/{name}/{version}`: the number-th training of the model name, from 1."""

@@ -102,7 +102,7 @@ class StepExecutor:
 
     def _fail(self, claim: Claim, job: TrainingJob, reason: str) -> None:
         reason = self._redacted(job, reason)
-        failed = self.state_machine.fail(job, reason)
+        failed = self.state_machine.fail(job, reason, attempt=claim.attempts)
         self.queue.finish(claim)
         self.session.commit()
         if failed:

@@ -1,0 +1,124 @@
+"""A job's history (GET .../training-jobs/{id}/events) and its steps' times, written by the state machine in the
+transaction of each change."""
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+from sqlalchemy import func, select
+
+from tests.test_training_lifecycle import JOBS, failing_pipeline, job_request, setup, upload, wait_for  # noqa: F401
+from trainingmgr.extensions import db
+from trainingmgr.models import JobEvent, TrainingJob
+from trainingmgr.models import lifecycle as lc
+from trainingmgr.models.lifecycle import JobStateMachine
+
+STEPS = list(lc.STEPS)
+
+
+def events_of(client, job_id: int, limit: int = 100) -> list[dict]:
+    """Every event, page after page through the Link header."""
+    collected, url = [], f"{JOBS}/{job_id}/events?limit={limit}"
+    while url:
+        answer = client.get(url)
+        assert answer.status_code == 200, answer.get_json()
+        collected += answer.get_json()
+        link = answer.headers.get("Link")
+        url = link[1:link.index(">")] if link else None
+    return collected
+
+
+def test_a_finished_job_tells_its_whole_history_and_its_steps_times(setup, worker):
+    client = setup
+    job = wait_for(client, client.post(JOBS, json=job_request()).get_json()["id"])
+    assert job["status"] == "FINISHED"
+    events = events_of(client, job["id"], limit=3)
+    assert [e["seq"] for e in events] == list(range(1, 11))
+    assert (events[0]["step"], events[0]["from"], events[0]["to"], events[0]["reason"]) == (None, None, "NOT_STARTED",
+                                                                                            "created")
+    moves = [(e["step"], e["from"], e["to"]) for e in events[1:]]
+    assert moves == [
+        ("DATA_EXTRACTION", "NOT_STARTED", "IN_PROGRESS"), ("DATA_EXTRACTION", "IN_PROGRESS", "FINISHED"),
+        ("DATA_EXTRACTION_AND_TRAINING", "NOT_STARTED", "IN_PROGRESS"),
+        ("DATA_EXTRACTION_AND_TRAINING", "IN_PROGRESS", "FINISHED"),
+        ("TRAINING", "NOT_STARTED", "IN_PROGRESS"), ("TRAINING", "IN_PROGRESS", "FINISHED"),
+        ("TRAINING_AND_TRAINED_MODEL", "NOT_STARTED", "IN_PROGRESS"),
+        ("TRAINING_AND_TRAINED_MODEL", "IN_PROGRESS", "FINISHED"), ("TRAINED_MODEL", "NOT_STARTED", "FINISHED")]
+    times = [datetime.fromisoformat(e["time"]) for e in events]
+    assert times == sorted(times) and len({e["id"] for e in events}) == len(events)
+    # The steps' times are those of their events; the job's span covers them.
+    steps = job["steps"]
+    assert [s["name"] for s in steps] == STEPS and all(s["state"] == "FINISHED" for s in steps)
+    by_change = {(e["step"], e["to"]): e["time"] for e in events}
+    for step in steps:
+        start = by_change.get((step["name"], "IN_PROGRESS"), by_change[(step["name"], "FINISHED")])
+        assert (step["started_at"], step["finished_at"]) == (start, by_change[(step["name"], "FINISHED")])
+        assert step["duration_seconds"] == pytest.approx(
+            (datetime.fromisoformat(step["finished_at"]) - datetime.fromisoformat(step["started_at"])).total_seconds(),
+            abs=0.001)
+    assert job["started_at"] == steps[0]["started_at"] and job["finished_at"] == steps[-1]["finished_at"]
+    training = next(s for s in steps if s["name"] == "TRAINING")
+    assert training["duration_seconds"] > 0.5, "the pipeline run takes its time"
+    # steps_state, which the framework's clients read, is as it was.
+    assert job["steps_state"] == {step: "FINISHED" for step in STEPS}
+
+
+def test_a_failure_is_an_event_with_its_reason_and_attempt(setup, worker, tmp_path):
+    client = setup
+    upload(client, "explodes", failing_pipeline(tmp_path))
+    job = wait_for(client, client.post(JOBS, json=job_request("bad", pipeline="explodes")).get_json()["id"])
+    assert job["status"] == "FAILED" and job["finished_at"]
+    last = events_of(client, job["id"])[-1]
+    assert (last["step"], last["from"], last["to"]) == ("TRAINING", "IN_PROGRESS", "FAILED")
+    assert last["reason"] == job["failure_reason"] and "diverged" in last["reason"]
+    assert last["attempt"] >= 1
+    training = next(s for s in job["steps"] if s["name"] == "TRAINING")
+    assert training["state"] == "FAILED" and training["duration_seconds"] is not None
+    later = next(s for s in job["steps"] if s["name"] == "TRAINED_MODEL")
+    assert (later["started_at"], later["finished_at"], later["duration_seconds"]) == (None, None, None)
+
+
+def test_a_new_job_has_its_creation_and_nothing_else(client):
+    from tests.factories import create_file_feature_group, upload_pipeline
+    from tests.test_training_lifecycle import FEATURES, RETRAINING_YAML, TRAINING_YAML
+
+    create_file_feature_group(client, "cell_kpis", measurement="cell_kpis.csv", feature_list=FEATURES)
+    upload_pipeline(client, "qoe_training", TRAINING_YAML)
+    upload_pipeline(client, "qoe_retraining", RETRAINING_YAML)
+    job = client.post(JOBS, json=job_request()).get_json()  # no worker: nothing moves
+    assert [(e["seq"], e["to"]) for e in events_of(client, job["id"])] == [(1, "NOT_STARTED")]
+    assert job["started_at"] is None and job["finished_at"] is None
+    assert all(s["started_at"] is None and s["duration_seconds"] is None for s in job["steps"])
+
+
+def test_an_event_is_written_only_with_its_change(setup, app):
+    """The event and the change share a transaction: a change that rolls back leaves no event."""
+    client = setup
+    job_id = client.post(JOBS, json=job_request()).get_json()["id"]
+    with app.app_context():
+        job = db.session.get(TrainingJob, job_id)
+        JobStateMachine(db.session).move(job, (lc.DATA_EXTRACTION, lc.IN_PROGRESS))
+        db.session.rollback()
+        assert db.session.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id)) == 1
+        job = db.session.get(TrainingJob, job_id)
+        assert job.event_count == 1 and job.steps_state[lc.DATA_EXTRACTION] == lc.NOT_STARTED
+        JobStateMachine(db.session).move(job, (lc.DATA_EXTRACTION, lc.IN_PROGRESS))
+        db.session.commit()
+    assert [e["seq"] for e in events_of(client, job_id)] == [1, 2]
+
+
+def test_deleting_a_job_deletes_its_history(setup, app):
+    client = setup
+    job_id = client.post(JOBS, json=job_request()).get_json()["id"]
+    assert client.delete(f"{JOBS}/{job_id}").status_code == 204
+    assert client.get(f"{JOBS}/{job_id}/events").status_code == 404
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id)) == 0
+
+
+@pytest.mark.parametrize("path,status", [("abc/events", 400), ("99999/events", 404), ("1" * 25 + "/events", 404),
+                                         ("1/events?limit=0", 400), ("1/events?cursor=%%%", 400)])
+def test_bad_event_requests(client, path, status):
+    answer = client.get(f"{JOBS}/{path}")
+    assert answer.status_code == status, answer.get_json()
+    assert answer.mimetype == "application/problem+json"
