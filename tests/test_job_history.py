@@ -2,12 +2,14 @@
 transaction of each change."""
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
 import pytest
 from sqlalchemy import func, select
 
-from tests.test_training_lifecycle import JOBS, failing_pipeline, job_request, setup, upload, wait_for  # noqa: F401
+from tests.test_training_lifecycle import (JOBS, failing_pipeline, job_request, rapp, setup,  # noqa: F401
+                                          upload, wait_for)
 from trainingmgr.extensions import db
 from trainingmgr.models import JobEvent, TrainingJob
 from trainingmgr.models import lifecycle as lc
@@ -122,3 +124,110 @@ def test_bad_event_requests(client, path, status):
     answer = client.get(f"{JOBS}/{path}")
     assert answer.status_code == status, answer.get_json()
     assert answer.mimetype == "application/problem+json"
+
+
+# ---------------------------------------------------------------------------------------------- cancel
+def test_cancel_during_training_stops_the_run_and_keeps_the_job(setup, worker, tmp_path, app, rapp):
+    from pathlib import Path
+
+    from tests.test_training_lifecycle import slow_pipeline, wait_for_step
+
+    client = setup
+    upload(client, "naps", slow_pipeline(tmp_path, seconds=60))
+    job_id = client.post(JOBS, json=job_request("napper", pipeline="naps", notification_url=rapp.url)).get_json()["id"]
+    wait_for_step(client, job_id, "TRAINING", "IN_PROGRESS")
+    run_id = client.get(f"{JOBS}/{job_id}").get_json()["run_id"]
+    run_dir = Path(app.extensions["trainingmgr"].settings.data_path) / "runs" / run_id
+    pid = int((run_dir / "pid").read_text())
+    answer = client.post(f"{JOBS}/{job_id}/cancel")
+    assert answer.status_code == 200, answer.get_json()
+    job = answer.get_json()
+    assert job["status"] == "CANCELLED" and job["finished_at"]
+    assert job["steps_state"]["TRAINING"] == "CANCELLED" and job["steps_state"]["DATA_EXTRACTION"] == "FINISHED"
+    assert client.get(f"{JOBS}/{job_id}").get_json()["status"] == "CANCELLED", "the record stays"
+    last = events_of(client, job_id)[-1]
+    assert (last["step"], last["from"], last["to"], last["reason"]) == ("TRAINING", "IN_PROGRESS", "CANCELLED",
+                                                                        "cancelled on request")
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), "the run's process is stopped"
+    deadline = time.monotonic() + 30  # the rApp hears of the end like of any other
+    while not any(b.get("TRAINING") == "CANCELLED" for b in rapp.bodies()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert any(b.get("TRAINING") == "CANCELLED" for b in rapp.bodies()), rapp.bodies()
+    time.sleep(0.5)  # no step of the job runs any more: nothing moves it
+    assert client.get(f"{JOBS}/{job_id}").get_json()["steps_state"]["TRAINING"] == "CANCELLED"
+    again = client.post(f"{JOBS}/{job_id}/cancel")
+    assert again.status_code == 409 and "ended already" in again.get_json()["detail"]
+    assert client.delete(f"{JOBS}/{job_id}").status_code == 204
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (ended, not reaped yet) counts as stopped
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_cancel_before_anything_ran_and_after_the_end(setup, worker):
+    client = setup
+    job_id = client.post(JOBS, json=job_request()).get_json()["id"]
+    # Whatever it reached, it is CANCELLED now or it had FINISHED (a fast machine): then cancel is a 409.
+    answer = client.post(f"{JOBS}/{job_id}/cancel")
+    if answer.status_code == 409:
+        assert client.get(f"{JOBS}/{job_id}").get_json()["status"] == "FINISHED"
+    else:
+        assert answer.get_json()["status"] == "CANCELLED"
+    done = wait_for(client, client.post(JOBS, json=job_request()).get_json()["id"])
+    assert client.post(f"{JOBS}/{done['id']}/cancel").status_code == 409
+    assert client.post(f"{JOBS}/999999/cancel").status_code == 404
+
+
+def test_a_job_not_started_is_cancelled_at_its_first_step(setup):
+    client = setup  # no worker: nothing moves by itself
+    job_id = client.post(JOBS, json=job_request()).get_json()["id"]
+    job = client.post(f"{JOBS}/{job_id}/cancel").get_json()
+    assert job["status"] == "CANCELLED" and job["steps_state"]["DATA_EXTRACTION"] == "CANCELLED"
+    assert [e["to"] for e in events_of(client, job_id)] == ["NOT_STARTED", "CANCELLED"]
+
+
+def test_a_run_that_starts_while_the_job_is_cancelled_is_stopped(setup, app, monkeypatch):
+    """The race: the job is cancelled just before a worker starts its run, so the cancel finds no run to stop; the
+    worker stops the run it started once it sees the job ended."""
+    from pathlib import Path
+
+    client = setup
+    engine = app.extensions["trainingmgr"].engine
+    started, terminated = [], []
+    start_run, terminate = engine.start_run, engine.terminate
+
+    def cancelled_then_started(run_id, *args, **kwargs):
+        assert client.post(f"{JOBS}/{job_id}/cancel").status_code == 200
+        start_run(run_id, *args, **kwargs)
+        started.append(run_id)
+
+    monkeypatch.setattr(engine, "start_run", cancelled_then_started)
+    monkeypatch.setattr(engine, "terminate", lambda run_id: (terminated.append(run_id), terminate(run_id)))
+    job_id = client.post(JOBS, json=job_request()).get_json()["id"]
+    app.extensions["trainingmgr"].start_worker(app)
+    deadline = time.monotonic() + 60
+    while not (started and terminated.count(started[0]) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert started and terminated.count(started[0]) == 2, (started, terminated)  # the cancel's, then the worker's
+    pid_file = Path(app.extensions["trainingmgr"].settings.data_path) / "runs" / started[0] / "pid"
+    if pid_file.exists():
+        pid = int(pid_file.read_text())
+        deadline = time.monotonic() + 30
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid)
+    job = client.get(f"{JOBS}/{job_id}").get_json()
+    assert job["status"] == "CANCELLED" and job["steps_state"]["TRAINING"] == "NOT_STARTED"

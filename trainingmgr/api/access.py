@@ -59,6 +59,7 @@ ROUTE_ACCESS: dict[str, str] = {
     "training_jobs.get_model_metrics": READER,
     "training_jobs.create_training_job": WRITER,
     "training_jobs.delete_training_job": WRITER,
+    "training_jobs.cancel_training_job": WRITER,
     "training_jobs.update_model_metrics": WRITER,
     "models.download_model": READER,
 }

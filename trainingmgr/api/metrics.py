@@ -25,7 +25,7 @@ class DatabaseCollector:
     def collect(self) -> Iterator[GaugeMetricFamily]:
         jobs = GaugeMetricFamily("trainingmgr_training_jobs", "Training jobs by overall status", labels=["status"])
         counts = dict(db.session.execute(select(TrainingJob.status, func.count()).group_by(TrainingJob.status)).all())
-        for status in (lc.NOT_STARTED, lc.IN_PROGRESS, lc.FINISHED, lc.FAILED):
+        for status in (lc.NOT_STARTED, lc.IN_PROGRESS, lc.FINISHED, lc.FAILED, lc.CANCELLED):
             jobs.add_metric([status], counts.get(status, 0))
         yield jobs
         pending = GaugeMetricFamily("trainingmgr_pending_steps", "Job steps waiting in the work queue", labels=["kind"])

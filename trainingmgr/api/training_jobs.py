@@ -23,8 +23,17 @@ class _ModelNameConverter(BaseConverter):
     part_isolating = True  # matched against its own segment, where "$" is the segment's end
 
 
-# Recorded before the routes below, so the converter exists when they are added.
+class _ModelVersionConverter(BaseConverter):
+    """The model version of the same route: any segment but the words of a job's own routes (`.../7/cancel`,
+    `.../7/events`, `.../7/status`), which always name those routes."""
+
+    regex = r"(?!(?:status|events|cancel)$)[^/]+"
+    part_isolating = True
+
+
+# Recorded before the routes below, so the converters exist when they are added.
 bp.record_once(lambda state: state.app.url_map.converters.setdefault("modelname", _ModelNameConverter))
+bp.record_once(lambda state: state.app.url_map.converters.setdefault("modelversion", _ModelVersionConverter))
 
 V1 = "/ai-ml-model-training/v1/training-jobs"
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
@@ -75,15 +84,21 @@ def delete_training_job(training_job_id: int):
 
 
 def _id_before_a_word(raw: str) -> int:
-    """The id of `.../training-jobs/<id>/status` (or `/events`). A string, not <int:>: with <int:>, "abc/status"
-    fell through to the model-list route (model "abc", version "status") and answered 200 []. A last segment
-    "status" or "events" is always these routes; the id must be an integer."""
+    """The id of `.../training-jobs/<id>/status` (or `/events`, `/cancel`). A string, not <int:>: with <int:>,
+    "abc/status" fell through to the model-list route (model "abc", version "status") and answered 200 []. A last
+    segment "status", "events" or "cancel" is always these routes; the id must be an integer."""
     if not (raw.isascii() and raw.isdigit()):
         raise BadRequest(f"Invalid training job id {raw!r}: a positive integer")
     digits = raw.lstrip("0") or "0"
     if len(digits) > 19:  # more than any id (and int() refuses more than 4300 digits)
         raise NotFound(f"Training job {raw} does not exist")
     return int(digits)
+
+
+@bp.post(f"{V1}/<training_job_id>/cancel")
+def cancel_training_job(training_job_id: str):
+    """Stop the job without deleting it: it ends CANCELLED, with its record and history."""
+    return _dump(services().training_jobs().cancel(_id_before_a_word(training_job_id)))
 
 
 @bp.get(f"{V1}/<training_job_id>/status")
@@ -99,7 +114,7 @@ def list_training_job_events(training_job_id: str):
     return [dump_event(event) for event in page.items], 200, next_link(page, page_req.limit)
 
 
-@bp.get(f"{V1}/<modelname:model_name>/<model_version>")
+@bp.get(f"{V1}/<modelname:model_name>/<modelversion:model_version>")
 def list_training_jobs_of_model(model_name: str, model_version: str):
     page_req = _page()
     page = services().training_jobs().list(page_req, modelname=model_name, modelversion=model_version)

@@ -1,9 +1,10 @@
 """A training job's state machine: the one module that owns the job's states, the step order, the pipeline run's
 state vocabulary, which work kind drives which step, and the only code that changes a job's state.
 
-Steps run in order; each is NOT_STARTED, IN_PROGRESS, FINISHED or FAILED, and only ever moves forward. The overall
-status is derived from the steps (any FAILED -> FAILED; all FINISHED -> FINISHED; anything started ->
-IN_PROGRESS; else NOT_STARTED) and stored beside them so lists can filter on it.
+Steps run in order; each is NOT_STARTED, IN_PROGRESS, FINISHED, FAILED or CANCELLED, and only ever moves forward.
+The overall status is derived from the steps (any FAILED -> FAILED; any CANCELLED -> CANCELLED; all FINISHED ->
+FINISHED; anything started -> IN_PROGRESS; else NOT_STARTED) and stored beside them so lists can filter on it. A
+job that is FINISHED, FAILED or CANCELLED has ended: nothing of it moves any more.
 
 JobStateMachine.move is where steps change: it derives the status, and queues the rApp's notification in the same
 transaction (so a notification is never lost nor sent for a change that rolled back).
@@ -37,7 +38,9 @@ NOT_STARTED = "NOT_STARTED"
 IN_PROGRESS = "IN_PROGRESS"
 FINISHED = "FINISHED"
 FAILED = "FAILED"
-_RANK = {NOT_STARTED: 0, IN_PROGRESS: 1, FINISHED: 2, FAILED: 2}
+CANCELLED = "CANCELLED"
+ENDED = frozenset({FINISHED, FAILED, CANCELLED})  # a job's statuses (and a step's states) that are final
+_RANK = {NOT_STARTED: 0, IN_PROGRESS: 1, FINISHED: 2, FAILED: 2, CANCELLED: 2}
 
 # The step each kind of work drives (notifications drive none): an extract step moves DATA_EXTRACTION, a start_run
 # step DATA_EXTRACTION_AND_TRAINING, a watch_run step TRAINING and then the model's steps.
@@ -89,6 +92,8 @@ def overall_status(steps: Mapping[str, str]) -> str:
     states = [steps.get(step, NOT_STARTED) for step in STEPS]
     if FAILED in states:
         return FAILED
+    if CANCELLED in states:
+        return CANCELLED
     if all(s == FINISHED for s in states):
         return FINISHED
     if any(s != NOT_STARTED for s in states):
@@ -100,14 +105,15 @@ def advance(steps: Mapping[str, str], step: str, state: str) -> dict[str, str]:
     """A copy of `steps` with `step` moved to `state`, or InvalidTransition if that is not forward.
 
     The steps before `step` must be FINISHED (a step cannot start before its predecessor ended), except that any
-    step may fail.
+    step may fail or be cancelled.
     """
     current = ordered(steps)
-    if overall_status(current) == FAILED:
-        raise InvalidTransition(f"the job has failed; {step} stays {current[step]}")
+    status = overall_status(current)
+    if status in (FAILED, CANCELLED):
+        raise InvalidTransition(f"the job has ended ({status}); {step} stays {current[step]}")
     if _RANK[state] <= _RANK[current[step]]:
         raise InvalidTransition(f"{step} is {current[step]} already")
-    if state != FAILED:
+    if state not in (FAILED, CANCELLED):
         before = STEPS[: STEPS.index(step)]
         if any(current[s] != FINISHED for s in before):
             raise InvalidTransition(f"{step} cannot be {state} before the steps ahead of it finished")
@@ -157,7 +163,7 @@ class JobStateMachine:
         job.waiting = None  # a step moved: whatever it waited for is over
         if job.started_at is None:
             job.started_at = now
-        if job.status in (FINISHED, FAILED):
+        if job.status in ENDED:
             job.finished_at = now
         for step, before, state in moved:
             self._record(job, step, before, state, now, reason=reason, attempt=attempt)
@@ -170,13 +176,26 @@ class JobStateMachine:
 
     def fail(self, job: TrainingJob, reason: str, *, attempt: int | None = None) -> bool:
         """Fail the step in progress (or the first not finished); False if the job had ended already."""
+        if not self._end(job, FAILED, reason, attempt):
+            return False
+        job.failure_reason = reason[:4000]
+        log.warning("job failed", extra={"trainingjob_id": job.id, "reason": reason[:500]})
+        return True
+
+    def cancel(self, job: TrainingJob, reason: str) -> bool:
+        """End the job as CANCELLED (the step in progress, or the first not finished, is CANCELLED); False if the
+        job had ended already. Its record, history and notification stay as for any end."""
+        if not self._end(job, CANCELLED, reason, None):
+            return False
+        log.info("job cancelled", extra={"trainingjob_id": job.id, "reason": reason[:500]})
+        return True
+
+    def _end(self, job: TrainingJob, state: str, reason: str, attempt: int | None) -> bool:
         steps = ordered(job.steps_state)
-        if overall_status(steps) in (FINISHED, FAILED):
+        if overall_status(steps) in ENDED:
             return False
         step = step_in_progress(steps) or next(s for s in STEPS if steps[s] != FINISHED)
-        job.failure_reason = reason[:4000]
-        self.move(job, (step, FAILED), reason=reason[:4000], attempt=attempt)
-        log.warning("job failed", extra={"trainingjob_id": job.id, "step": step, "reason": reason[:500]})
+        self.move(job, (step, state), reason=reason[:4000], attempt=attempt)
         return True
 
     def _record(self, job: TrainingJob, step: str | None, before: str | None, after: str, at: datetime, *,

@@ -23,6 +23,7 @@ START_RUN = "start_run"
 WATCH_RUN = "watch_run"
 NOTIFY = "notify"
 KINDS = (EXTRACT, START_RUN, WATCH_RUN, NOTIFY)
+STEP_KINDS = (EXTRACT, START_RUN, WATCH_RUN)  # the work that moves a job; NOTIFY only tells its rApp
 
 
 @dataclass(frozen=True)

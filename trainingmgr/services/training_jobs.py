@@ -12,13 +12,13 @@ from sqlalchemy.orm import Session
 from ..adapters.base import AdapterError
 from ..adapters.outbound import OutboundDenied, OutboundPolicy
 from ..config import Settings
-from ..errors import BadGateway, BadRequest, NotFound, ValidationFailed
+from ..errors import BadGateway, BadRequest, Conflict, NotFound, ValidationFailed
 from ..models import FeatureGroup, JobEvent, Model, TrainingJob
 from ..models.feature_group import split_names
 from ..models import lifecycle as lc
 from ..models.base import utcnow
 from ..models.lifecycle import JobStateMachine
-from ..models.work_queue import EXTRACT, WATCH_RUN, WorkQueue
+from ..models.work_queue import EXTRACT, STEP_KINDS, WATCH_RUN, WorkQueue
 from .pagination import Page, PageRequest, keyset_page
 
 if TYPE_CHECKING:
@@ -277,6 +277,27 @@ class TrainingJobService:
 
             self.adapters.object_store.delete(bucket, model_key(modelversion, artifact))
         log.info("training job deleted", extra={"trainingjob_id": job_id, "model_deleted": delete_model})
+
+    def cancel(self, job_id: int, reason: str = "cancelled on request") -> TrainingJob:
+        """End the job as CANCELLED: its pending steps are dropped and its run terminated; its record, history and
+        rApp notification stay, as for any end. 409 when it has ended already."""
+        job = self.get(job_id)
+        # Lock order as in delete: the job's row, then its work items.
+        self.session.execute(select(TrainingJob.id).where(TrainingJob.id == job_id).with_for_update())
+        self.session.refresh(job)
+        if not self.state_machine.cancel(job, reason):
+            raise Conflict(f"Training job {job_id} has ended already ({job.status}): nothing to cancel")
+        self.queue.remove_for_job(job_id, STEP_KINDS)  # its notification still goes out
+        self.session.commit()
+        run_id, path = job.run_id, featurepath(job)
+        if run_id:
+            try:
+                self.adapters.engine.terminate(run_id)
+            except AdapterError as e:  # a run that never started, or one that ended meanwhile
+                log.warning("the cancelled job's run could not be terminated",
+                            extra={"trainingjob_id": job_id, "run_id": run_id, "error": str(e)[:300]})
+        remove_job_files(self.adapters, run_id, path)  # as when a job fails
+        return job
 
     # ------------------------------------------------------------------------------------------ callbacks
     def on_data_extraction_done(self, job_id: int) -> str:

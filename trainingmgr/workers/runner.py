@@ -26,12 +26,11 @@ from ..extensions import db
 from ..models import TrainingJob, WorkItem
 from ..models import lifecycle as lc
 from ..models.lifecycle import JobStateMachine
-from ..models.work_queue import KINDS, NOTIFY, WATCH_RUN, LeaseLost, WorkQueue
+from ..models.work_queue import NOTIFY, STEP_KINDS, WATCH_RUN, LeaseLost, WorkQueue
 from .steps import StepExecutor, job_id_of_run
 
 log = logging.getLogger(__name__)
 
-STEP_KINDS = tuple(kind for kind in KINDS if kind != NOTIFY)
 NOTIFY_KINDS = (NOTIFY,)
 OUTAGE_FIRST_DELAY = 0.5  # seconds a thread waits after its first failure to reach the database
 OUTAGE_MAX_DELAY = 30.0  # ... doubling up to this

@@ -177,7 +177,7 @@ class StepExecutor:
         if job is None:
             return
         state = lc.ordered(job.steps_state)[lc.DATA_EXTRACTION]
-        if state in (lc.FINISHED, lc.FAILED) or job.status == lc.FAILED:
+        if state in lc.ENDED or job.status in lc.ENDED:
             return self._drop(claim)
         if self._past_deadline(claim):
             return self._fail(claim, job,
@@ -284,6 +284,10 @@ class StepExecutor:
                 engine.start_run(run_id, file_path, engine_ref, parameters)
             except AdapterError as e:
                 return self._retry_or_fail(claim, job, e, "the pipeline run could not start")
+        self.session.refresh(job)
+        if job.status in lc.ENDED:  # cancelled while the run was starting: the cancel found no run to stop
+            self._terminate_quietly(run_id)
+            return self._drop(claim)
         job.run_started_at = utcnow()
         self.state_machine.move(job, (lc.DATA_EXTRACTION_AND_TRAINING, lc.FINISHED), (lc.TRAINING, lc.IN_PROGRESS))
         self.queue.enqueue(
