@@ -102,7 +102,7 @@ def test_cli_help_and_version_show_only_our_commands(tmp_path):
                           timeout=60, cwd=tmp_path)
     assert done.returncode == 0
     commands = done.stdout.split("Commands:")[1].split()
-    for ours in ("db", "demo", "routes", "serve", "worker"):
+    for ours in ("auth", "db", "demo", "featuregroups", "jobs", "pipelines", "routes", "serve", "worker"):
         assert ours in commands
     for flask_own in ("run", "shell"):
         assert flask_own not in commands

@@ -264,5 +264,15 @@ def worker(threads: int | None, notify_threads: int | None) -> None:
     running.stop()
 
 
+def _add_client_commands() -> None:
+    from .cli_client import featuregroups, jobs, pipelines
+
+    for group in (jobs, featuregroups, pipelines):
+        cli.add_command(group)
+
+
+_add_client_commands()
+
+
 def main() -> None:
     cli(prog_name="trainingmgr")

@@ -7,8 +7,6 @@ of its own (1, 2, ...), so every run shows 1.0.0 -> 1.1.0; the downloads go to t
 """
 from __future__ import annotations
 
-import io
-import time
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -16,18 +14,13 @@ from typing import Any, Callable
 import requests
 
 from . import PROJECT_ROOT
+from .client import JOBS, ClientError, TrainingManagerClient, Unreachable
 
 EXAMPLES = PROJECT_ROOT / "examples"
 FEATURE_GROUP = "demo_cell_kpis"
 MODEL = "demo_qoe"
 PIPELINES = {"demo_qoe_training": "qoe_training.yaml", "demo_qoe_retraining": "qoe_retraining.yaml"}
-JOBS = "/ai-ml-model-training/v1/training-jobs"
 TIMEOUT = 10  # seconds for each request
-
-AUTH_HINTS = {
-    401: " (the service asks for a credential: pass --token or set TM_TOKEN to a writer's token)",
-    403: " (the token's role may not do this: the demo needs a writer's token)",
-}
 
 
 class DemoFailed(Exception):
@@ -37,20 +30,13 @@ class DemoFailed(Exception):
 class Demo:
     def __init__(self, base_url: str, out_dir: Path, echo: Callable[[str], None] = print, job_timeout: float = 300,
                  token: str | None = None):
-        self.base = base_url.rstrip("/")
+        self.api = TrainingManagerClient(base_url, token, timeout=TIMEOUT)
         self.out_dir = out_dir
         self.echo = echo
         self.job_timeout = job_timeout
-        self.http = requests.Session()
-        if token:
-            self.http.headers["Authorization"] = f"Bearer {token}"
 
     def _call(self, method: str, path: str, expect: tuple[int, ...], **kwargs: Any) -> requests.Response:
-        response = self.http.request(method, self.base + path, timeout=TIMEOUT, **kwargs)
-        if response.status_code not in expect:
-            hint = AUTH_HINTS.get(response.status_code, "")
-            raise DemoFailed(f"{method} {path} answered {response.status_code}{hint}: {response.text[:500]}")
-        return response
+        return self.api.call(method, path, expect, **kwargs)
 
     def feature_group(self) -> None:
         body = {
@@ -76,17 +62,9 @@ class Demo:
 
     def model_version(self) -> str:
         """A model version no earlier run of the demo trained: one past the highest the service knows of."""
-        highest = 0
-        path = f"{JOBS}?limit=1000"
-        while path:
-            response = self._call("GET", path, (200,))
-            for job in response.json():
-                model = job["modelId"]
-                if model["modelname"] == MODEL and str(model["modelversion"]).isdigit():
-                    highest = max(highest, int(model["modelversion"]))
-            following = response.links.get("next", {}).get("url", "")
-            path = following.removeprefix(self.base) if following else ""
-        return str(highest + 1)
+        versions = [job["modelId"]["modelversion"] for job in self.api.pages(f"{JOBS}?limit=1000")
+                    if job["modelId"]["modelname"] == MODEL]
+        return str(max((int(v) for v in versions if str(v).isdigit()), default=0) + 1)
 
     def train(self, versions: dict[str, str], model_version: str) -> dict[str, Any]:
         body = {
@@ -109,35 +87,30 @@ class Demo:
         return self.follow(job["id"])
 
     def follow(self, job_id: int) -> dict[str, Any]:
-        deadline = time.monotonic() + self.job_timeout
-        last = None
-        while True:
-            job = self._call("GET", f"{JOBS}/{job_id}", (200,)).json()
+        def show(job: dict[str, Any]) -> None:
             shown = " ".join(f"{step}={state}" for step, state in job["steps_state"].items())
             waiting = job.get("waiting")
             if waiting:
                 shown += (f"\n    waiting: {waiting['reason']} (attempt {waiting['attempts']}; next at "
                           f"{waiting['next_attempt_at']}; gives up at {waiting.get('gives_up_at') or 'never'})")
-            if shown != last:
-                self.echo(f"  job {job_id}: {shown}")
-                last = shown
-            if job["status"] == "FINISHED":
-                return job
-            if job["status"] == "FAILED":
-                raise DemoFailed(f"job {job_id} failed: {job['failure_reason']}")
-            if time.monotonic() > deadline:
-                raise DemoFailed(f"job {job_id} did not end within {self.job_timeout:.0f} s")
-            time.sleep(0.5)
+            self.echo(f"  job {job_id}: {shown}")
+
+        job = self.api.wait(job_id, self.job_timeout, show)
+        if job is None:
+            raise DemoFailed(f"job {job_id} did not end within {self.job_timeout:.0f} s")
+        if job["status"] != "FINISHED":
+            raise DemoFailed(f"job {job_id} {job['status'].lower()}: {job['failure_reason']}")
+        return job
 
     def download(self, job: dict[str, Any]) -> Path:
         model = job["modelId"]
         version, artifact = model["modelversion"], model["artifactversion"]
-        response = self._call("GET", f"/model/{MODEL}/{version}/{artifact}/Model.zip", (200,))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         target = self.out_dir / f"{MODEL}-{version}-{artifact}-Model.zip"
-        target.write_bytes(response.content)
-        names = zipfile.ZipFile(io.BytesIO(response.content)).namelist()
-        self.echo(f"  Model.zip ({len(response.content)} bytes, {', '.join(names)}) saved to {target}")
+        size = self.api.download_model(job, target)
+        with zipfile.ZipFile(target) as archive:
+            names = archive.namelist()
+        self.echo(f"  Model.zip ({size} bytes, {', '.join(names)}) saved to {target}")
         return target
 
     def run(self) -> bool:
@@ -155,7 +128,8 @@ class Demo:
             self.download(second)
             self.echo(f"retrained: artifact {first['modelId']['artifactversion']} -> "
                       f"{second['modelId']['artifactversion']}")
-        except (DemoFailed, requests.RequestException, OSError, ValueError, KeyError) as e:
+        except (DemoFailed, ClientError, Unreachable, requests.RequestException, OSError, ValueError, KeyError,
+                zipfile.BadZipFile) as e:
             self.echo(f"demo FAILED: {e}")
             return False
         self.echo("demo succeeded")

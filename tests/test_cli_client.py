@@ -1,0 +1,146 @@
+"""`trainingmgr jobs | featuregroups | pipelines`: the CLI client against a real served instance (`trainingmgr
+serve` on SQLite), over HTTP only; its output and its exit codes."""
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.processes import assert_ready, free_port, served
+from tests.test_training_lifecycle import (FEATURES, RETRAINING_YAML, TRAINING_YAML, failing_pipeline, job_request,
+                                          slow_pipeline)
+from trainingmgr.cli import cli
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli-client")
+    port = free_port()
+    env = {"TM_DATA_DIR": str(folder / "data"), "TM_WORKERS": "1", "TM_DATABASE_URL": "",
+           "TM_WORKER_POLL_SECONDS": "0.1"}
+    with served(folder, port, env) as server:
+        url = f"http://127.0.0.1:{port}"
+        assert_ready(url, server, 120, folder / "server.log")
+        yield url, folder
+
+
+def run(service, *args: str, token: str | None = None, stdin: str | None = None):
+    url, _ = service
+    env = {"TM_URL": url, **({"TM_TOKEN": token} if token else {})}
+    return CliRunner().invoke(cli, list(args), env=env, input=stdin, catch_exceptions=False)
+
+
+def write(folder: Path, name: str, body: dict) -> str:
+    path = folder / name
+    path.write_text(json.dumps(body))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ready(service):
+    """The example's feature group and pipelines, made through the CLI."""
+    _, folder = service
+    fg = {"featuregroup_name": "cell_kpis", "feature_list": FEATURES, "datalake_source": "CsvSource",
+          "measurement": "cell_kpis.csv", "enable_dme": False}
+    made = run(service, "featuregroups", "create", "-f", write(folder, "fg.json", fg))
+    assert made.exit_code == 0, made.output
+    for name, file in (("qoe_training", TRAINING_YAML), ("qoe_retraining", RETRAINING_YAML)):
+        uploaded = run(service, "pipelines", "upload", name, str(file), "--description", "example")
+        assert uploaded.exit_code == 0 and "version" in uploaded.output, uploaded.output
+    return service
+
+
+def test_create_wait_list_show_and_download_a_job(ready, tmp_path):
+    _, folder = ready
+    created = run(ready, "jobs", "create", "-f", write(folder, "job.json", job_request()), "--wait",
+                  "--timeout", "300")
+    assert created.exit_code == 0, created.output
+    job_id = int(created.stdout.splitlines()[0])
+    assert f"job {job_id} FINISHED" in created.stdout
+    assert "TRAINING=IN_PROGRESS" in created.stderr, "waiting shows the steps as they move"
+
+    listed = run(ready, "jobs", "list")
+    assert listed.exit_code == 0
+    header, *rows = listed.stdout.splitlines()
+    assert header.split()[:3] == ["ID", "STATUS", "MODEL"]
+    assert any(row.split()[:3] == [str(job_id), "FINISHED", "qoe"] for row in rows)
+    as_json = json.loads(run(ready, "jobs", "list", "--json", "--limit", "1").stdout)
+    assert [job["id"] for job in as_json] == [job_id]
+
+    shown = run(ready, "jobs", "show", str(job_id))
+    assert shown.exit_code == 0
+    assert re.search(r"^TRAINING_AND_TRAINED_MODEL +FINISHED +[0-9:.]+ +[0-9:.]+ +[0-9.]+$", shown.stdout, re.M)
+    assert "DATA_EXTRACTION NOT_STARTED -> IN_PROGRESS" in shown.stdout and "job NOT_STARTED" in shown.stdout
+
+    target = tmp_path / "model.zip"
+    downloaded = run(ready, "jobs", "download", str(job_id), "-o", str(target))
+    assert downloaded.exit_code == 0, downloaded.output
+    assert zipfile.ZipFile(target).namelist() and f"{target} (" in downloaded.stdout
+
+
+def test_a_failed_job_is_exit_1_and_a_cancelled_one_too(ready, tmp_path):
+    url, folder = ready
+    failing = failing_pipeline(tmp_path)
+    assert run(ready, "pipelines", "upload", "explodes", str(failing)).exit_code == 0
+    created = run(ready, "jobs", "create", "-f", write(folder, "bad.json", job_request("bad", pipeline="explodes")))
+    job_id = created.stdout.splitlines()[0]
+    waited = run(ready, "jobs", "wait", job_id, "--timeout", "300")
+    assert waited.exit_code == 1 and "FAILED" in waited.output and "diverged" in waited.output
+
+    assert run(ready, "pipelines", "upload", "naps", str(slow_pipeline(tmp_path, seconds=60))).exit_code == 0
+    slow = run(ready, "jobs", "create", "-f", write(folder, "slow.json", job_request("slow", pipeline="naps")))
+    slow_id = slow.stdout.splitlines()[0]
+    timed_out = run(ready, "jobs", "wait", slow_id, "--timeout", "1")
+    assert timed_out.exit_code == 5 and "did not end within 1 s" in timed_out.output
+    cancelled = run(ready, "jobs", "cancel", slow_id)
+    assert cancelled.exit_code == 0 and f"job {slow_id} CANCELLED" in cancelled.stdout
+    assert run(ready, "jobs", "wait", slow_id).exit_code == 1
+    again = run(ready, "jobs", "cancel", slow_id)
+    assert again.exit_code == 3 and "409" in again.output and "ended already" in again.output
+    assert run(ready, "jobs", "download", slow_id).exit_code == 3
+
+
+def test_feature_groups_and_pipelines(ready):
+    listed = run(ready, "featuregroups", "list")
+    assert listed.exit_code == 0 and "cell_kpis" in listed.stdout and "CsvSource" in listed.stdout
+    shown = json.loads(run(ready, "featuregroups", "show", "cell_kpis").stdout)
+    assert shown["featuregroup_name"] == "cell_kpis"
+    assert "qoe_training" in run(ready, "pipelines", "list").stdout
+    assert run(ready, "pipelines", "versions", "qoe_training").stdout.split() == ["qoe_training"]
+    temporary = run(ready, "featuregroups", "create", "-f", "-", stdin=json.dumps(
+        {"featuregroup_name": "short_lived", "feature_list": "a", "datalake_source": "CsvSource",
+         "measurement": "cell_kpis.csv", "enable_dme": False}))
+    assert temporary.exit_code == 0, temporary.output
+    assert run(ready, "featuregroups", "delete", "short_lived").exit_code == 0
+    assert run(ready, "featuregroups", "show", "short_lived").exit_code == 3
+
+
+def test_exit_codes_for_refusals_and_unreachable_services(ready, tmp_path):
+    missing = run(ready, "jobs", "show", "999999")
+    assert missing.exit_code == 3 and "404" in missing.output
+    bad = run(ready, "jobs", "create", "-f", write(tmp_path, "bad.json", {"model_id": {}}))
+    assert bad.exit_code == 3 and "400" in bad.output
+    assert run(ready, "jobs", "create", "-f", str(tmp_path / "nothing.json")).exit_code == 2
+    port = free_port()
+    nobody = CliRunner().invoke(cli, ["jobs", "list", "--url", f"http://127.0.0.1:{port}"], env={"TM_URL": None})
+    assert nobody.exit_code == 4 and "cannot be reached" in nobody.output
+
+
+def test_tokens_are_sent_and_their_absence_is_explained(tmp_path):
+    env = {"TM_DATA_DIR": str(tmp_path / "data"), "TM_WORKERS": "1", "TM_DATABASE_URL": "", "TM_AUTH": "token"}
+    added = CliRunner().invoke(cli, ["auth", "add-token", "ops", "reader"], env=env)
+    token = added.stdout.strip()
+    port = free_port()
+    with served(tmp_path, port, env) as server:
+        url = f"http://127.0.0.1:{port}"
+        assert_ready(url, server, 120, tmp_path / "server.log")
+        service = (url, tmp_path)
+        refused = run(service, "jobs", "list")
+        assert refused.exit_code == 3 and "401" in refused.output and "--token or set TM_TOKEN" in refused.output
+        assert run(service, "jobs", "list", token=token).exit_code == 0
+        forbidden = run(service, "jobs", "cancel", "1", token=token)
+        assert forbidden.exit_code == 3 and "403" in forbidden.output
