@@ -64,6 +64,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/ai-ml-model-training/v1/training-jobs/update-model-metrics/<trainingjob_id>"): WRITER,
     ("GET", "/trainingjobs/<trainingjob_name>/<version>"): READER,
     ("GET", "/model/<modelname>/<modelversion>/<artifactversion>/Model.zip"): READER,
+    ("GET", "/ai-ml-model-training/v1/events"): READER,
 }
 RANK = {None: -1, READER: 0, WRITER: 1, "admin": 2}
 CALLERS = (None, "bogus", READER, WRITER, "admin")  # None: no Authorization header at all

@@ -124,6 +124,14 @@ class Settings:
         },
     )
 
+    max_event_streams: int = field(
+        default=256,
+        metadata={
+            "env": "TM_MAX_EVENT_STREAMS",
+            "doc": "open event streams (GET .../v1/events) per server process; more are answered 503. Under serve "
+            "a stream holds no request thread",
+        },
+    )
     auth: str = field(
         default="none",
         metadata={
@@ -382,6 +390,8 @@ class Settings:
             raise SettingsError("TM_PIPELINE_ENGINE=kfp needs TM_OBJECT_STORE=s3 and TM_DATA_EXTRACTION=remote")
         if self.source_unreachable_timeout < 0:
             raise SettingsError("TM_SOURCE_UNREACHABLE_TIMEOUT must not be negative")
+        if self.max_event_streams < 1:
+            raise SettingsError("TM_MAX_EVENT_STREAMS must be at least 1")
         if self.max_concurrent_runs < 1 or self.worker_threads < 1 or self.notify_threads < 1:
             raise SettingsError("TM_MAX_CONCURRENT_RUNS, TM_WORKER_THREADS and TM_NOTIFY_THREADS must be at least 1")
         self._validate_auth()

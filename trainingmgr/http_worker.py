@@ -47,6 +47,13 @@ MAX_CHUNK_LINE = 8190  # gunicorn's limit_request_field_size
 _READ_CHUNK = 256 * 1024
 # Answers that leave the request body unread: the connection cannot carry another request after them.
 _CLOSING_STATUSES = ("408", "413", "415")
+_DETACHED = object()  # handle()'s answer for a connection a response took over
+
+
+class StreamDetached(BaseException):
+    """Raised by a response (an event stream) once it handed its connection to a writer of its own: the worker
+    then neither answers nor closes the connection. A BaseException, so no `except Exception` on the way takes it
+    for an error."""
 
 # gunicorn answers these itself, before the application sees the request (see gunicorn.workers.base.handle_error).
 _GUNICORN_TITLES = {400: "Bad Request", 403: "Forbidden", 414: "URI Too Long", 417: "Expectation Failed",
@@ -175,6 +182,13 @@ class RequestBufferingWorker(ThreadWorker):
     def load_wsgi(self) -> None:
         super().load_wsgi()
         self.wsgi = _closing_after_unread_body(self.wsgi)
+        app = self.wsgi
+
+        def detachable(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            environ["trainingmgr.can_detach"] = True  # a response may hand its connection over (event streams)
+            return app(environ, start_response)
+
+        self.wsgi = detachable
 
     # ------------------------------------------------------------------ the loop's side
     def enqueue_req(self, conn: Any) -> None:
@@ -345,7 +359,20 @@ class RequestBufferingWorker(ThreadWorker):
             conn.sock.setblocking(True)
             conn.init()
             conn.parser.unreader.unread(data)
-        return super().handle(conn)
+        try:
+            return super().handle(conn)
+        except StreamDetached:
+            return _DETACHED  # the event hub writes to this connection now (on its own copy of the socket)
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        if not fs.cancelled() and fs.exception() is None and fs.result() is _DETACHED:
+            self.nr_conns -= 1
+            try:
+                conn.sock.close()  # this copy only: no shutdown, which would end the hub's stream too
+            except OSError:
+                pass
+            return
+        super().finish_request(conn, fs)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         capture = _ErrorCapture()

@@ -62,6 +62,7 @@ ROUTE_ACCESS: dict[str, str] = {
     "training_jobs.cancel_training_job": WRITER,
     "training_jobs.update_model_metrics": WRITER,
     "models.download_model": READER,
+    "event_stream.job_events": READER,
 }
 
 

@@ -1,0 +1,252 @@
+"""Live job events (GET /ai-ml-model-training/v1/events, Server-Sent Events): under `serve` (real gunicorn) and in
+process; resuming with Last-Event-ID across a restart and across replicas; filters; the per-process limit; open
+streams that hold no request thread."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any, Iterator
+
+import pytest
+import requests
+
+from tests.processes import assert_ready, free_port, served
+from tests.test_training_lifecycle import FEATURES, RETRAINING_YAML, TRAINING_YAML, job_request
+from trainingmgr.api import event_stream
+from trainingmgr.api.event_stream import EventHub, Stream, StreamFilter
+
+EVENTS = "/ai-ml-model-training/v1/events"
+JOBS = "/ai-ml-model-training/v1/training-jobs"
+WAIT = 60  # seconds any one wait below may take on a loaded machine
+
+
+def sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """Parsed events of an SSE line iterator: {"id", "event", "data"} (comments skipped)."""
+    current: dict[str, Any] = {}
+    for line in lines:
+        if line == "":
+            if "data" in current:  # (the opening `retry:` line is no event)
+                yield current
+            current = {}
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(": ")
+            current[name] = json.loads(value) if name == "data" else value
+
+
+def prepare(url: str) -> None:
+    """A feature group and the example pipelines, through the API."""
+    fg = {"featuregroup_name": "cell_kpis", "feature_list": FEATURES, "datalake_source": "CsvSource",
+          "measurement": "cell_kpis.csv", "enable_dme": False}
+    assert requests.post(url + "/ai-ml-model-training/v1/featureGroup", json=fg, timeout=WAIT).status_code in (201, 409)
+    for name, file in (("qoe_training", TRAINING_YAML), ("qoe_retraining", RETRAINING_YAML)):
+        with file.open("rb") as f:
+            assert requests.post(f"{url}/pipelines/{name}/upload", files={"file": (file.name, f)},
+                                 timeout=WAIT).status_code == 200
+
+
+def read_until(events: Iterator[dict[str, Any]], done, seconds: float = WAIT) -> list[dict[str, Any]]:
+    """Events until done(events so far) holds; the stream's read timeout bounds each wait."""
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + seconds
+    for event in events:
+        seen.append(event)
+        if done(seen):
+            return seen
+        assert time.monotonic() < deadline, seen
+    raise AssertionError(f"the stream ended after {len(seen)} events")
+
+
+def open_stream(url: str, **params: Any) -> requests.Response:
+    headers = {"Last-Event-ID": str(params.pop("last_event_id"))} if "last_event_id" in params else {}
+    response = requests.get(url + EVENTS, params=params, headers=headers, stream=True, timeout=(10, WAIT))
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    return response
+
+
+def finished(job_id: int):
+    return lambda seen: any(e["data"]["job_id"] == job_id and e["data"]["step"] == "TRAINED_MODEL" for e in seen)
+
+
+@pytest.fixture
+def service(tmp_path):
+    port = free_port()
+    env = {"TM_DATA_DIR": str(tmp_path / "data"), "TM_WORKERS": "2", "TM_DATABASE_URL": "",
+           "TM_WORKER_POLL_SECONDS": "0.1"}
+    url = f"http://127.0.0.1:{port}"
+    with served(tmp_path, port, env) as server:
+        assert_ready(url, server, 120, tmp_path / "server.log")
+        prepare(url)
+        yield url, tmp_path, port, env
+
+
+def test_a_job_is_followed_live_and_a_stream_resumes_after_a_restart(service):
+    url, folder, port, env = service
+    stream = open_stream(url)
+    job_id = requests.post(url + JOBS, json=job_request(), timeout=WAIT).json()["id"]
+    events = read_until(sse(stream.iter_lines(decode_unicode=True)), finished(job_id))
+    stream.close()
+    changes = [(e["data"]["step"], e["data"]["to"]) for e in events if e["data"]["job_id"] == job_id]
+    assert changes[0] == (None, "NOT_STARTED") and changes[-1] == ("TRAINED_MODEL", "FINISHED")
+    assert len(changes) == 10
+    ids = [int(e["id"]) for e in events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids) and all(e["event"] == "job" for e in events)
+    assert events[-1]["data"]["modelname"] == "qoe" and events[-1]["data"]["job_status"] in ("FINISHED",
+                                                                                          "IN_PROGRESS")
+    # Resume from the fourth event: exactly the rest, once.
+    resumed = open_stream(url, last_event_id=ids[3])
+    again = read_until(sse(resumed.iter_lines(decode_unicode=True)), finished(job_id))
+    resumed.close()
+    assert [int(e["id"]) for e in again] == ids[4:]
+
+
+def test_a_stream_resumes_across_a_restart(tmp_path):
+    port = free_port()
+    # A step the first process held when it stopped is taken over once its lease ends: keep that short.
+    env = {"TM_DATA_DIR": str(tmp_path / "data"), "TM_WORKERS": "1", "TM_DATABASE_URL": "", "TM_LEASE_SECONDS": "3"}
+    url = f"http://127.0.0.1:{port}"
+    with served(tmp_path, port, env, name="first") as server:
+        assert_ready(url, server, 120, tmp_path / "first.log")
+        prepare(url)
+        job_id = requests.post(url + JOBS, json=job_request(), timeout=WAIT).json()["id"]
+        stream = open_stream(url, last_event_id=0)
+        first = read_until(sse(stream.iter_lines(decode_unicode=True)), lambda seen: len(seen) >= 2)
+        stream.close()
+    with served(tmp_path, port, env, name="second") as server:  # the same database, a new process
+        assert_ready(url, server, 120, tmp_path / "second.log")
+        stream = open_stream(url, last_event_id=first[-1]["id"])
+        rest = read_until(sse(stream.iter_lines(decode_unicode=True)), finished(job_id))
+        stream.close()
+    ids = [int(e["id"]) for e in first + rest]
+    assert ids == list(range(ids[0], ids[0] + len(ids))), "nothing lost or repeated across the restart"
+
+
+def test_filters_by_job_and_by_model(service):
+    url, *_ = service
+    by_model = open_stream(url, modelname="other", modelversion="2")
+    first = requests.post(url + JOBS, json=job_request(), timeout=WAIT).json()["id"]
+    by_job = open_stream(url, job_id=first, last_event_id=0)
+    second = requests.post(url + JOBS, json=job_request("other", "2"), timeout=WAIT).json()["id"]
+    only_first = read_until(sse(by_job.iter_lines(decode_unicode=True)), finished(first))
+    only_other = read_until(sse(by_model.iter_lines(decode_unicode=True)), finished(second))
+    by_job.close()
+    by_model.close()
+    assert {e["data"]["job_id"] for e in only_first} == {first}
+    assert {(e["data"]["modelname"], e["data"]["modelversion"]) for e in only_other} == {("other", "2")}
+    for bad in ({"job_id": "x"}, {"modelversion": "1"}):
+        answer = requests.get(url + EVENTS, params=bad, timeout=WAIT)
+        assert answer.status_code == 400 and answer.headers["Content-Type"] == "application/problem+json"
+    assert requests.get(url + EVENTS, headers={"Last-Event-ID": "abc"}, timeout=WAIT).status_code == 400
+
+
+def _raw_stream(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    sock.sendall(f"GET {EVENTS} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode())
+    return sock
+
+
+def test_two_hundred_open_streams_leave_the_api_answering(service):
+    url, _, port, _ = service
+    streams = []
+    try:
+        for _ in range(200):
+            streams.append(_raw_stream(port))
+        for sock in streams:  # every stream got its head: none waits for a thread
+            head = b""
+            while b"retry: 3000" not in head:
+                chunk = sock.recv(4096)
+                assert chunk, "a stream was closed"
+                head += chunk
+            assert head.startswith(b"HTTP/1.1 200")
+        for path in ("/healthz", JOBS, "/pipelines"):
+            assert requests.get(url + path, timeout=10).status_code == 200, path
+        job_id = requests.post(url + JOBS, json=job_request(), timeout=10).json()["id"]
+        # ... and every one of them hears of the new job.
+        for sock in streams:
+            seen = b""
+            while f'"job_id": {job_id}'.encode() not in seen:
+                chunk = sock.recv(65536)
+                assert chunk, "a stream was closed"
+                seen += chunk
+    finally:
+        for sock in streams:
+            sock.close()
+
+
+def test_past_the_limit_a_stream_is_refused_with_503(tmp_path):
+    port = free_port()
+    env = {"TM_DATA_DIR": str(tmp_path / "data"), "TM_WORKERS": "1", "TM_DATABASE_URL": "",
+           "TM_MAX_EVENT_STREAMS": "3"}
+    url = f"http://127.0.0.1:{port}"
+    with served(tmp_path, port, env) as server:
+        assert_ready(url, server, 120, tmp_path / "server.log")
+        streams = [open_stream(url) for _ in range(3)]
+        # Their first lines: the hub has them. (The line iterators are kept: a dropped one closes its connection.)
+        lines = [stream.iter_lines() for stream in streams]
+        assert [next(line) for line in lines] == [b"retry: 3000"] * 3
+        refused = requests.get(url + EVENTS, timeout=WAIT)
+        assert refused.status_code == 503 and refused.headers.get("Retry-After")
+        assert "TM_MAX_EVENT_STREAMS" in refused.json()["detail"]
+        for stream in streams:
+            stream.close()
+        deadline = time.monotonic() + WAIT  # closed streams free their places
+        while True:
+            with requests.get(url + EVENTS, stream=True, timeout=WAIT) as again:
+                if again.status_code == 200:
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+
+
+# ---------------------------------------------------------------------------------------------- in process
+def test_in_process_streams_send_heartbeats_and_end_when_closed(app, monkeypatch):
+    monkeypatch.setattr(event_stream, "HEARTBEAT_SECONDS", 0.2)
+    monkeypatch.setattr(event_stream, "POLL_SECONDS", 0.05)
+    response = app.test_client().get(EVENTS, buffered=False)
+    chunks = response.iter_encoded()
+    assert next(chunks) == b"retry: 3000\n\n"
+    assert next(chunks) == b": keep-alive\n\n"
+    response.close()
+    the_hub = app.extensions["trainingmgr_event_hub"]["hub"]
+    deadline = time.monotonic() + WAIT
+    while (the_hub.streams or the_hub.thread is not None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert the_hub.streams == [] and the_hub.thread is None, "no stream, no thread: the database is not asked"
+
+
+def test_an_id_that_is_not_committed_yet_is_waited_for(app, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(event_stream.time, "monotonic", lambda: clock[0])
+    the_hub = EventHub(app, 10)
+    the_hub.watermark = 5
+    the_hub._advance_watermark([6, 8, 9])
+    assert the_hub.watermark == 6, "7 may still commit: 8 and 9 wait"
+    clock[0] += event_stream.GAP_SECONDS / 2
+    the_hub._advance_watermark([8, 9])
+    assert the_hub.watermark == 6
+    the_hub._advance_watermark([7, 8, 9])
+    assert the_hub.watermark == 9, "7 came: all pass"
+    the_hub._advance_watermark([11])
+    clock[0] += event_stream.GAP_SECONDS
+    the_hub._advance_watermark([11])
+    assert the_hub.watermark == 11, "10 never came (rolled back): given up after GAP_SECONDS"
+
+
+def test_a_client_that_does_not_read_is_dropped():
+    reader, writer = socket.socketpair()
+    try:
+        writer.setblocking(False)
+        stream = Stream(StreamFilter(), 0, sock=writer, chunked=True)
+        blob = b"x" * 65536
+        for _ in range(200):  # far more than the socket buffers hold
+            stream.put(blob)
+            stream.flush()
+            if stream.closed:
+                break
+        assert stream.closed, "a stream more than MAX_PENDING_BYTES behind is given up"
+    finally:
+        reader.close()
+        writer.close()

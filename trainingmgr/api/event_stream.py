@@ -1,0 +1,336 @@
+"""Live job events as Server-Sent Events: `GET /ai-ml-model-training/v1/events`.
+
+Events come from the database (job_events, written by the state machine), so a client sees what every process
+and replica did, and resumes after a restart with `Last-Event-ID` (the event's id). One hub per process (a
+thread, started with the first stream) asks the database for new events, once per poll for all its streams, and
+writes them out; with no stream open it asks nothing.
+
+Under `serve`, a stream holds no request thread: once its head is written, the worker hands the connection to the
+hub (trainingmgr.http_worker), which writes to every stream without blocking, so hundreds of open streams leave
+the API's threads free. Elsewhere (the Flask test client, `flask run`) the request thread reads the hub's frames
+from a queue.
+
+Event ids come from one sequence but commit in any order: an id is only passed on once every smaller id has been
+seen, or after GAP_SECONDS (a transaction that rolled back leaves its id unused for good).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from flask import Blueprint, Flask, Response, current_app, request
+from sqlalchemy import func, select
+
+from ..errors import BadRequest, ServiceUnavailable
+from ..extensions import db
+from ..http_worker import StreamDetached
+from ..models import JobEvent, Model, TrainingJob
+from .common import services
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("event_stream", __name__)
+
+POLL_SECONDS = 0.5  # how often the hub asks the database for new events while streams are open
+HEARTBEAT_SECONDS = 15.0  # a comment line on an idle stream, so proxies and clients know it lives
+GAP_SECONDS = 2.0  # how long an id missing between seen ones is waited for before it counts as rolled back
+BATCH = 500  # events fetched per query (a client resuming far behind catches up batch by batch)
+MAX_PENDING_BYTES = 1024 * 1024  # a client that reads slower than this is behind is dropped (it can resume)
+RETRY_MILLISECONDS = 3000
+
+
+@dataclass
+class StreamFilter:
+    job_id: int | None = None
+    modelname: str | None = None
+    modelversion: str | None = None
+
+    def matches(self, row: Any) -> bool:
+        return ((self.job_id is None or row.job_id == self.job_id)
+                and (self.modelname is None or row.modelname == self.modelname)
+                and (self.modelversion is None or row.modelversion == self.modelversion))
+
+
+@dataclass(eq=False)
+class Stream:
+    filter: StreamFilter
+    last_id: int
+    sock: socket.socket | None = None  # the connection (under serve); else frames go to `frames`
+    chunked: bool = False  # the head announced chunked framing: each write is one chunk
+    frames: "queue.Queue[bytes | None]" = field(default_factory=queue.Queue)
+    pending: bytearray = field(default_factory=bytearray)
+    last_write: float = field(default_factory=time.monotonic)
+    closed: bool = False
+
+    def put(self, data: bytes) -> None:
+        self.last_write = time.monotonic()
+        if self.sock is None:
+            self.frames.put(data)
+            return
+        self.pending += f"{len(data):x}\r\n".encode() + data + b"\r\n" if self.chunked else data
+
+    def flush(self) -> None:
+        """Write what the socket takes now; a client too far behind is closed."""
+        if self.sock is None or not self.pending:
+            return
+        try:
+            sent = self.sock.send(self.pending)
+            del self.pending[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self.closed = True
+        if len(self.pending) > MAX_PENDING_BYTES:
+            self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        else:
+            self.frames.put(None)
+
+
+def frame(row: Any) -> bytes:
+    data = {"id": row.id, "job_id": row.job_id, "seq": row.seq, "time": row.at.isoformat(), "step": row.step,
+            "from": row.from_state, "to": row.to_state, "reason": row.reason, "attempt": row.attempt,
+            "modelname": row.modelname, "modelversion": row.modelversion, "job_status": row.status}
+    return f"id: {row.id}\nevent: job\ndata: {json.dumps(data)}\n\n".encode()
+
+
+class EventHub:
+    """The process's streams and the one thread that feeds them."""
+
+    def __init__(self, app: Flask, max_streams: int):
+        self.app = app
+        self.max_streams = max_streams
+        self.streams: list[Stream] = []
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.watermark: int | None = None  # every event up to here has been seen (or given up on)
+        self.gap_since: float | None = None  # when the hub first waited for the id after the watermark
+        self.wake_up = threading.Event()
+
+    # ------------------------------------------------------------------ streams come and go
+    def check_capacity(self) -> None:
+        """503 when the process serves as many streams as it may."""
+        if len(self.streams) >= self.max_streams:
+            raise ServiceUnavailable(f"This process serves {self.max_streams} event streams already "
+                                     "(TM_MAX_EVENT_STREAMS); try again later.")
+
+    def open(self, stream_filter: StreamFilter, last_id: int | None) -> Stream:
+        """A new stream from `last_id` (None: from now on)."""
+        with self.lock:
+            if self.watermark is None:
+                self.watermark = self._newest_id()
+            stream = Stream(stream_filter, self.watermark if last_id is None else last_id)
+            self.streams.append(stream)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="tm-event-hub", daemon=True)
+                self.thread.start()
+        self.wake_up.set()
+        return stream
+
+    def adopt(self, stream: Stream, sock: socket.socket) -> None:
+        """The stream's connection, from now on written by the hub."""
+        sock.setblocking(False)
+        stream.sock = sock
+        stream.chunked = True
+        self.wake_up.set()
+
+    def forget(self, stream: Stream) -> None:
+        stream.close()
+        with self.lock:
+            if stream in self.streams:
+                self.streams.remove(stream)
+
+    def _newest_id(self) -> int:
+        with self.app.app_context():
+            newest = db.session.scalar(select(func.max(JobEvent.id))) or 0
+            db.session.remove()
+        return newest
+
+    # ------------------------------------------------------------------ the hub's thread
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        watched: dict[int, Stream] = {}
+        next_poll = 0.0
+        while True:
+            with self.lock:
+                streams = [s for s in self.streams if not s.closed]
+                gone = [s for s in self.streams if s.closed]
+                for stream in gone:
+                    self.streams.remove(stream)
+                if not streams:
+                    self.thread = None
+                    break
+            for stream in gone:
+                stream.close()
+            self._watch(selector, watched, streams)
+            now = time.monotonic()
+            if now >= next_poll:
+                full = self._deliver(streams) == BATCH  # a stream far behind: read on at once
+                next_poll = now + (0 if full else POLL_SECONDS)
+            for stream in streams:
+                if time.monotonic() - stream.last_write >= HEARTBEAT_SECONDS:
+                    stream.put(b": keep-alive\n\n")
+                stream.flush()
+            self._wait(selector, max(0.0, next_poll - time.monotonic()))
+        for stream in list(watched.values()):
+            try:
+                selector.unregister(stream.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+        selector.close()
+
+    def _watch(self, selector: selectors.BaseSelector, watched: dict[int, Stream], streams: list[Stream]) -> None:
+        """Socket streams are watched for reading (a client that hangs up) and, with bytes pending, writing."""
+        for key, stream in list(watched.items()):
+            if stream.closed or stream.sock is None or stream.sock.fileno() < 0:
+                try:
+                    selector.unregister(stream.sock)
+                except (KeyError, ValueError, OSError):
+                    pass
+                del watched[key]
+        for stream in streams:
+            if stream.sock is None or stream.closed:
+                continue
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if stream.pending else 0)
+            key = id(stream)
+            try:
+                if key in watched:
+                    selector.modify(stream.sock, events, stream)
+                else:
+                    selector.register(stream.sock, events, stream)
+                    watched[key] = stream
+            except (ValueError, OSError):
+                stream.closed = True
+
+    def _wait(self, selector: selectors.BaseSelector, timeout: float) -> None:
+        if not selector.get_map():
+            self.wake_up.wait(timeout)
+            self.wake_up.clear()
+            return
+        for key, mask in selector.select(min(timeout, POLL_SECONDS)):
+            stream: Stream = key.data
+            if mask & selectors.EVENT_READ:
+                try:
+                    if not stream.sock.recv(4096):  # the client closed its side
+                        stream.closed = True
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    stream.closed = True
+        if self.wake_up.is_set():
+            self.wake_up.clear()
+
+    def _deliver(self, streams: list[Stream]) -> int:
+        """Pass on the new events; how many were read (BATCH: there may be more at once)."""
+        after = min(stream.last_id for stream in streams)
+        try:
+            with self.app.app_context():
+                rows = db.session.execute(
+                    select(JobEvent.id, JobEvent.job_id, JobEvent.seq, JobEvent.at, JobEvent.step,
+                           JobEvent.from_state, JobEvent.to_state, JobEvent.reason, JobEvent.attempt,
+                           Model.modelname, Model.modelversion, TrainingJob.status)
+                    .join(TrainingJob, TrainingJob.id == JobEvent.job_id).join(Model, Model.id == TrainingJob.model_id)
+                    .where(JobEvent.id > after).order_by(JobEvent.id).limit(BATCH)
+                ).all()
+                db.session.remove()
+        except Exception as e:  # noqa: BLE001 - a database outage: the streams wait, and resume when it is back
+            log.warning("event streams could not read new events: %s", e.__class__.__name__)
+            return 0
+        self._advance_watermark([row.id for row in rows])
+        for row in rows:
+            if row.id > self.watermark:
+                break
+            for stream in streams:
+                if row.id > stream.last_id:
+                    if stream.filter.matches(row):
+                        stream.put(frame(row))
+                    stream.last_id = row.id
+        return len(rows)
+
+    def _advance_watermark(self, ids: list[int]) -> None:
+        for event_id in ids:
+            if event_id <= self.watermark:
+                continue
+            if event_id == self.watermark + 1:
+                self.watermark, self.gap_since = event_id, None
+                continue
+            # A smaller id is not committed yet (or never will be): wait for it a while.
+            now = time.monotonic()
+            self.gap_since = self.gap_since or now
+            if now - self.gap_since < GAP_SECONDS:
+                return
+            self.watermark, self.gap_since = event_id, None
+
+
+def hub() -> EventHub:
+    """The process's hub (built on first use, in the process that serves: never before a fork)."""
+    hubs = current_app.extensions.setdefault("trainingmgr_event_hub", {})
+    if "hub" not in hubs:
+        hubs["hub"] = EventHub(current_app._get_current_object(), services().settings.max_event_streams)
+    return hubs["hub"]
+
+
+def _filter() -> StreamFilter:
+    job_id = request.args.get("job_id")
+    if job_id is not None and not (job_id.isascii() and job_id.isdigit() and len(job_id) <= 18):
+        raise BadRequest(f"job_id must be a positive integer, not {job_id[:40]!r}")
+    modelversion = request.args.get("modelversion")
+    modelname = request.args.get("modelname")
+    if modelversion is not None and modelname is None:
+        raise BadRequest("modelversion needs modelname")
+    return StreamFilter(int(job_id) if job_id is not None else None, modelname, modelversion)
+
+
+def _last_event_id() -> int | None:
+    raw = request.headers.get("Last-Event-ID", request.args.get("last_event_id"))
+    if raw is None or raw == "":
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+        raise BadRequest(f"Last-Event-ID must be an event id (a non-negative integer), not {raw[:40]!r}")
+    return int(raw)
+
+
+@bp.get("/ai-ml-model-training/v1/events")
+def job_events() -> Response:
+    """Every job event as it happens (Server-Sent Events), filtered by job or model, resumable."""
+    stream_filter, last_id = _filter(), _last_event_id()
+    the_hub = hub()
+    the_hub.check_capacity()
+    # Under serve (trainingmgr.http_worker) the connection can be handed to the hub.
+    sock = request.environ.get("gunicorn.socket") if request.environ.get("trainingmgr.can_detach") else None
+
+    def body() -> Iterator[bytes]:
+        # Opened when the body is first read, not before: a response never read holds no stream.
+        stream = the_hub.open(stream_filter, last_id)
+        try:
+            yield f"retry: {RETRY_MILLISECONDS}\n\n".encode()
+            if sock is not None:
+                # The head and the line above are out: from here on the hub writes, on a copy of the connection.
+                the_hub.adopt(stream, socket.socket(fileno=os.dup(sock.fileno())))
+                raise StreamDetached()
+            while True:
+                data = stream.frames.get()
+                if data is None:
+                    return
+                yield data
+        except GeneratorExit:  # the client went away (or the server stops)
+            the_hub.forget(stream)
+            raise
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(body(), mimetype="text/event-stream", headers=headers)
