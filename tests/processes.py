@@ -73,6 +73,17 @@ def served(tmp_path: Path, port: int, env: dict[str, str], *, name: str = "serve
                    cwd=tmp_path)
 
 
+@contextlib.contextmanager
+def ready_server(tmp_path: Path, env: dict[str, str], *, port: int | None = None, name: str = "server",
+                 seconds: float = 120) -> Iterator[str]:
+    """`trainingmgr serve` on a free port (or `port`), ready; its URL. Stopped on leaving."""
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    with served(tmp_path, port, env, name=name) as server:
+        assert_ready(url, server, seconds, tmp_path / f"{name}.log")
+        yield url
+
+
 def assert_ready(url: str, process: subprocess.Popen, seconds: float, log_path: Path | None = None) -> None:
     if not wait_until_ready(url, time.monotonic() + seconds, alive=lambda: process.poll() is None):
         shown = log_path.read_text(errors="replace")[-3000:] if log_path and log_path.exists() else ""

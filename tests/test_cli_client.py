@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.processes import assert_ready, free_port, served
+from tests.processes import free_port, ready_server
 from tests.test_training_lifecycle import (FEATURES, RETRAINING_YAML, TRAINING_YAML, failing_pipeline, job_request,
                                           slow_pipeline)
 from trainingmgr.cli import cli
@@ -19,12 +19,9 @@ from trainingmgr.cli import cli
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli-client")
-    port = free_port()
     env = {"TM_DATA_DIR": str(folder / "data"), "TM_WORKERS": "1", "TM_DATABASE_URL": "",
            "TM_WORKER_POLL_SECONDS": "0.1"}
-    with served(folder, port, env) as server:
-        url = f"http://127.0.0.1:{port}"
-        assert_ready(url, server, 120, folder / "server.log")
+    with ready_server(folder, env) as url:
         yield url, folder
 
 
@@ -134,10 +131,7 @@ def test_tokens_are_sent_and_their_absence_is_explained(tmp_path):
     env = {"TM_DATA_DIR": str(tmp_path / "data"), "TM_WORKERS": "1", "TM_DATABASE_URL": "", "TM_AUTH": "token"}
     added = CliRunner().invoke(cli, ["auth", "add-token", "ops", "reader"], env=env)
     token = added.stdout.strip()
-    port = free_port()
-    with served(tmp_path, port, env) as server:
-        url = f"http://127.0.0.1:{port}"
-        assert_ready(url, server, 120, tmp_path / "server.log")
+    with ready_server(tmp_path, env) as url:
         service = (url, tmp_path)
         refused = run(service, "jobs", "list")
         assert refused.exit_code == 3 and "401" in refused.output and "--token or set TM_TOKEN" in refused.output

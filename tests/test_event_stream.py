@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from tests.processes import assert_ready, free_port, served
+from tests.processes import free_port, ready_server
 from tests.test_training_lifecycle import FEATURES, RETRAINING_YAML, TRAINING_YAML, job_request
 from trainingmgr.api import event_stream
 from trainingmgr.api.event_stream import EventHub, Stream, StreamFilter
@@ -21,8 +21,8 @@ JOBS = "/ai-ml-model-training/v1/training-jobs"
 WAIT = 60  # seconds any one wait below may take on a loaded machine
 
 
-def sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
-    """Parsed events of an SSE line iterator: {"id", "event", "data"} (comments skipped)."""
+def sse(lines: Iterator[str]) -> Iterator[dict[str, Any] | None]:
+    """Parsed events of an SSE line iterator: {"id", "event", "data"}; None for a comment (a heartbeat)."""
     current: dict[str, Any] = {}
     for line in lines:
         if line == "":
@@ -30,7 +30,7 @@ def sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
                 yield current
             current = {}
         elif line.startswith(":"):
-            continue
+            yield None
         else:
             name, _, value = line.partition(": ")
             current[name] = json.loads(value) if name == "data" else value
@@ -52,9 +52,10 @@ def read_until(events: Iterator[dict[str, Any]], done, seconds: float = WAIT) ->
     seen: list[dict[str, Any]] = []
     deadline = time.monotonic() + seconds
     for event in events:
-        seen.append(event)
-        if done(seen):
-            return seen
+        if event is not None:
+            seen.append(event)
+            if done(seen):
+                return seen
         assert time.monotonic() < deadline, seen
     raise AssertionError(f"the stream ended after {len(seen)} events")
 
@@ -76,9 +77,7 @@ def service(tmp_path):
     port = free_port()
     env = {"TM_DATA_DIR": str(tmp_path / "data"), "TM_WORKERS": "2", "TM_DATABASE_URL": "",
            "TM_WORKER_POLL_SECONDS": "0.1"}
-    url = f"http://127.0.0.1:{port}"
-    with served(tmp_path, port, env) as server:
-        assert_ready(url, server, 120, tmp_path / "server.log")
+    with ready_server(tmp_path, env, port=port) as url:
         prepare(url)
         yield url, tmp_path, port, env
 
@@ -107,16 +106,13 @@ def test_a_stream_resumes_across_a_restart(tmp_path):
     port = free_port()
     # A step the first process held when it stopped is taken over once its lease ends: keep that short.
     env = {"TM_DATA_DIR": str(tmp_path / "data"), "TM_WORKERS": "1", "TM_DATABASE_URL": "", "TM_LEASE_SECONDS": "3"}
-    url = f"http://127.0.0.1:{port}"
-    with served(tmp_path, port, env, name="first") as server:
-        assert_ready(url, server, 120, tmp_path / "first.log")
+    with ready_server(tmp_path, env, port=port, name="first") as url:
         prepare(url)
         job_id = requests.post(url + JOBS, json=job_request(), timeout=WAIT).json()["id"]
         stream = open_stream(url, last_event_id=0)
         first = read_until(sse(stream.iter_lines(decode_unicode=True)), lambda seen: len(seen) >= 2)
         stream.close()
-    with served(tmp_path, port, env, name="second") as server:  # the same database, a new process
-        assert_ready(url, server, 120, tmp_path / "second.log")
+    with ready_server(tmp_path, env, port=port, name="second") as url:  # the same database, a new process
         stream = open_stream(url, last_event_id=first[-1]["id"])
         rest = read_until(sse(stream.iter_lines(decode_unicode=True)), finished(job_id))
         stream.close()
@@ -177,12 +173,9 @@ def test_two_hundred_open_streams_leave_the_api_answering(service):
 
 
 def test_past_the_limit_a_stream_is_refused_with_503(tmp_path):
-    port = free_port()
     env = {"TM_DATA_DIR": str(tmp_path / "data"), "TM_WORKERS": "1", "TM_DATABASE_URL": "",
            "TM_MAX_EVENT_STREAMS": "3"}
-    url = f"http://127.0.0.1:{port}"
-    with served(tmp_path, port, env) as server:
-        assert_ready(url, server, 120, tmp_path / "server.log")
+    with ready_server(tmp_path, env) as url:
         streams = [open_stream(url) for _ in range(3)]
         # Their first lines: the hub has them. (The line iterators are kept: a dropped one closes its connection.)
         lines = [stream.iter_lines() for stream in streams]

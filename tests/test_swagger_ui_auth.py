@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import assert_ready, free_port, served
+from tests.processes import ready_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -77,10 +77,7 @@ def test_authorize_in_swagger_ui_sends_the_token(tmp_path: Path, browser):
                           stdin=subprocess.DEVNULL)
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with served(tmp_path, port, env) as server:
-        assert_ready(url, server, 120, tmp_path / "server.log")
+    with ready_server(tmp_path, env) as url:
         browser.get(f"{url}/apidocs")
         wait = WebDriverWait(browser, BROWSER_SECONDS)
         assert try_it_out(browser, "listPipelines") == "401"

@@ -129,25 +129,21 @@ class EventHub:
             raise ServiceUnavailable(f"This process serves {self.max_streams} event streams already "
                                      "(TM_MAX_EVENT_STREAMS); try again later.")
 
-    def open(self, stream_filter: StreamFilter, last_id: int | None) -> Stream:
-        """A new stream from `last_id` (None: from now on)."""
+    def open(self, stream_filter: StreamFilter, last_id: int | None, sock: socket.socket | None = None) -> Stream:
+        """A new stream from `last_id` (None: from now on), written to `sock` (chunked), else to its queue."""
+        if sock is not None:
+            sock.setblocking(False)
         with self.lock:
             if self.watermark is None:
                 self.watermark = self._newest_id()
-            stream = Stream(stream_filter, self.watermark if last_id is None else last_id)
+            stream = Stream(stream_filter, self.watermark if last_id is None else last_id, sock=sock,
+                            chunked=sock is not None)
             self.streams.append(stream)
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name="tm-event-hub", daemon=True)
                 self.thread.start()
         self.wake_up.set()
         return stream
-
-    def adopt(self, stream: Stream, sock: socket.socket) -> None:
-        """The stream's connection, from now on written by the hub."""
-        sock.setblocking(False)
-        stream.sock = sock
-        stream.chunked = True
-        self.wake_up.set()
 
     def forget(self, stream: Stream) -> None:
         stream.close()
@@ -315,14 +311,14 @@ def job_events() -> Response:
     sock = request.environ.get("gunicorn.socket") if request.environ.get("trainingmgr.can_detach") else None
 
     def body() -> Iterator[bytes]:
-        # Opened when the body is first read, not before: a response never read holds no stream.
+        # The stream is opened once the body is read, not before (a response never read holds no stream), and
+        # once the head is out when the hub writes it, on its own copy of the connection.
+        yield f"retry: {RETRY_MILLISECONDS}\n\n".encode()
+        if sock is not None:
+            the_hub.open(stream_filter, last_id, socket.socket(fileno=os.dup(sock.fileno())))
+            raise StreamDetached()
         stream = the_hub.open(stream_filter, last_id)
         try:
-            yield f"retry: {RETRY_MILLISECONDS}\n\n".encode()
-            if sock is not None:
-                # The head and the line above are out: from here on the hub writes, on a copy of the connection.
-                the_hub.adopt(stream, socket.socket(fileno=os.dup(sock.fileno())))
-                raise StreamDetached()
             while True:
                 data = stream.frames.get()
                 if data is None:
