@@ -26,8 +26,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
+from typing import Callable, Iterator
 
 from .base import AdapterError, PipelineEngine, RunStatus
 from .pipeline_files import coerce_parameter, load_spec, parameter_definitions
