@@ -125,6 +125,10 @@ def test_exit_codes_for_refusals_and_unreachable_services(ready, tmp_path):
     port = free_port()
     nobody = CliRunner().invoke(cli, ["jobs", "list", "--url", f"http://127.0.0.1:{port}"], env={"TM_URL": None})
     assert nobody.exit_code == 4 and "cannot be reached" in nobody.output
+    no_scheme = CliRunner().invoke(cli, ["jobs", "list", "--url", f"127.0.0.1:{port}"], env={"TM_URL": None})
+    assert no_scheme.exit_code == 2 and "is not a service URL" in no_scheme.output
+    not_deleted = run(ready, "featuregroups", "delete", "no_such_group")
+    assert not_deleted.exit_code == 3 and "were not deleted" in not_deleted.output
 
 
 def test_tokens_are_sent_and_their_absence_is_explained(tmp_path):

@@ -243,3 +243,49 @@ def test_a_client_that_does_not_read_is_dropped():
     finally:
         reader.close()
         writer.close()
+
+
+def test_a_new_stream_starts_with_the_next_event_even_after_earlier_streams(app, monkeypatch):
+    """Without Last-Event-ID a stream starts with what happens next, also when an earlier stream of the process
+    has come and gone while events were written."""
+    from tests.factories import create_file_feature_group, upload_pipeline
+    from tests.test_training_lifecycle import FEATURES, RETRAINING_YAML, TRAINING_YAML
+
+    monkeypatch.setattr(event_stream, "POLL_SECONDS", 0.05)
+    client = app.test_client()
+    first = client.get(EVENTS, buffered=False)
+    assert next(first.iter_encoded()) == b"retry: 3000\n\n"
+    first.close()
+    create_file_feature_group(client, "cell_kpis", measurement="cell_kpis.csv", feature_list=FEATURES)
+    upload_pipeline(client, "qoe_training", TRAINING_YAML)
+    upload_pipeline(client, "qoe_retraining", RETRAINING_YAML)
+    old = client.post(JOBS, json=job_request()).get_json()["id"]  # written while no stream is open
+    later = client.get(EVENTS, buffered=False)
+    chunks = later.iter_encoded()
+    assert next(chunks) == b"retry: 3000\n\n"
+    new = client.post(JOBS, json=job_request("other")).get_json()["id"]
+    event = next(chunks)
+    later.close()
+    assert f'"job_id": {new}'.encode() in event and f'"job_id": {old},'.encode() not in event
+
+
+def test_http_1_0_streams_are_not_chunked(service):
+    url, _, port, _ = service
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    try:
+        sock.sendall(f"GET {EVENTS} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        head = b""
+        while b"retry: 3000" not in head:
+            chunk = sock.recv(4096)
+            assert chunk
+            head += chunk
+        assert b"Transfer-Encoding: chunked" not in head and b"\r\n\r\nretry: 3000\n\n" in head
+        job_id = requests.post(url + JOBS, json=job_request(), timeout=WAIT).json()["id"]
+        seen = b""
+        while f'"job_id": {job_id}'.encode() not in seen:
+            chunk = sock.recv(65536)
+            assert chunk
+            seen += chunk
+        assert seen.startswith(b"id: "), "frames only, no chunk sizes"
+    finally:
+        sock.close()

@@ -231,3 +231,25 @@ def test_a_run_that_starts_while_the_job_is_cancelled_is_stopped(setup, app, mon
         assert not _alive(pid)
     job = client.get(f"{JOBS}/{job_id}").get_json()
     assert job["status"] == "CANCELLED" and job["steps_state"]["TRAINING"] == "NOT_STARTED"
+
+
+def test_a_worker_that_read_the_job_before_a_cancel_does_not_undo_it(setup, app):
+    """A worker step loaded the job, then the job was cancelled (another transaction) while the step asked the
+    pipeline engine: the step's change is refused and the job stays CANCELLED."""
+    from sqlalchemy.orm import Session
+
+    client = setup
+    job_id = client.post(JOBS, json=job_request()).get_json()["id"]
+    with app.app_context():
+        engine = db.engine
+    # A session of its own, outside the requests' app contexts, as a worker thread has.
+    with Session(engine, expire_on_commit=False) as worker_session:
+        job = worker_session.get(TrainingJob, job_id)  # the step's view, from before the cancel
+        assert job.status == lc.NOT_STARTED
+        worker_session.commit()  # (a step commits between its reads and its change: SQLite's lock is free)
+        assert client.post(f"{JOBS}/{job_id}/cancel").status_code == 200
+        with pytest.raises(lc.InvalidTransition, match="ended meanwhile"):
+            JobStateMachine(worker_session).move(job, (lc.DATA_EXTRACTION, lc.IN_PROGRESS))
+        worker_session.rollback()
+    answer = client.get(f"{JOBS}/{job_id}").get_json()
+    assert answer["status"] == "CANCELLED" and answer["steps_state"]["DATA_EXTRACTION"] == "CANCELLED"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import click
+import requests
 
 from .client import ClientError, TrainingManagerClient, Unreachable
 
@@ -43,6 +44,11 @@ def api_command(function: Callable[..., Any]) -> Callable[..., Any]:
             raise CommandFailed(str(e), REFUSED if e.status < 500 else UNAVAILABLE) from None
         except Unreachable as e:
             raise CommandFailed(str(e), UNAVAILABLE) from None
+        except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
+                requests.exceptions.InvalidURL) as e:
+            raise click.UsageError(f"--url {url!r} is not a service URL such as http://host:32002 ({e})") from None
+        except (requests.RequestException, ValueError) as e:  # a connection cut mid-answer, an answer not JSON
+            raise CommandFailed(f"{url}: {e.__class__.__name__}: {str(e)[:300]}", UNAVAILABLE) from None
 
     run = click.option("--token", envvar="TM_TOKEN", default=None, show_envvar=True,
                        help="API token or JWT, sent as Authorization: Bearer.")(run)
@@ -265,8 +271,11 @@ def featuregroups_create(client: TrainingManagerClient, file: str) -> None:
 @click.argument("names", nargs=-1, required=True)
 @api_command
 def featuregroups_delete(client: TrainingManagerClient, names: tuple[str, ...]) -> None:
-    """Delete feature groups (those in use by a job stay)."""
-    _json(client.delete_feature_groups(list(names)))
+    """Delete feature groups (those in use by a job stay; then the exit code is 3)."""
+    answer = client.delete_feature_groups(list(names))
+    _json(answer)
+    if answer.get("failure_count"):
+        raise CommandFailed(f"{answer['failure_count']} of {len(names)} feature groups were not deleted", REFUSED)
 
 
 # ---------------------------------------------------------------------------------------------- pipelines

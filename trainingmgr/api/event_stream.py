@@ -129,15 +129,15 @@ class EventHub:
             raise ServiceUnavailable(f"This process serves {self.max_streams} event streams already "
                                      "(TM_MAX_EVENT_STREAMS); try again later.")
 
-    def open(self, stream_filter: StreamFilter, last_id: int | None, sock: socket.socket | None = None) -> Stream:
-        """A new stream from `last_id` (None: from now on), written to `sock` (chunked), else to its queue."""
+    def open(self, stream_filter: StreamFilter, last_id: int, sock: socket.socket | None = None) -> Stream:
+        """A new stream of the events after `last_id`, written to `sock` (chunked), else to its queue."""
         if sock is not None:
             sock.setblocking(False)
+        newest = self.newest_id()
         with self.lock:
             if self.watermark is None:
-                self.watermark = self._newest_id()
-            stream = Stream(stream_filter, self.watermark if last_id is None else last_id, sock=sock,
-                            chunked=sock is not None)
+                self.watermark = newest
+            stream = Stream(stream_filter, last_id, sock=sock, chunked=sock is not None)
             self.streams.append(stream)
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name="tm-event-hub", daemon=True)
@@ -151,7 +151,7 @@ class EventHub:
             if stream in self.streams:
                 self.streams.remove(stream)
 
-    def _newest_id(self) -> int:
+    def newest_id(self) -> int:
         with self.app.app_context():
             newest = db.session.scalar(select(func.max(JobEvent.id))) or 0
             db.session.remove()
@@ -169,26 +169,38 @@ class EventHub:
                 for stream in gone:
                     self.streams.remove(stream)
                 if not streams:
-                    self.thread = None
-                    break
+                    # Nothing read from here on: the next stream starts from what is newest then.
+                    self.thread, self.watermark, self.gap_since = None, None, None
             for stream in gone:
                 stream.close()
-            self._watch(selector, watched, streams)
-            now = time.monotonic()
-            if now >= next_poll:
-                full = self._deliver(streams) == BATCH  # a stream far behind: read on at once
-                next_poll = now + (0 if full else POLL_SECONDS)
-            for stream in streams:
-                if time.monotonic() - stream.last_write >= HEARTBEAT_SECONDS:
-                    stream.put(b": keep-alive\n\n")
-                stream.flush()
-            self._wait(selector, max(0.0, next_poll - time.monotonic()))
+            if not streams:
+                break
+            try:
+                next_poll = self._serve(selector, watched, streams, next_poll)
+            except Exception:  # noqa: BLE001 - the hub must outlive any one fault: its streams would hang
+                log.exception("event hub: a round failed; the next one follows")
+                time.sleep(POLL_SECONDS)
         for stream in list(watched.values()):
             try:
                 selector.unregister(stream.sock)
             except (KeyError, ValueError, OSError):
                 pass
         selector.close()
+
+    def _serve(self, selector: selectors.BaseSelector, watched: dict[int, Stream], streams: list[Stream],
+               next_poll: float) -> float:
+        """One round: new events out, heartbeats, writes, then a wait; when the next poll is due."""
+        self._watch(selector, watched, streams)
+        now = time.monotonic()
+        if now >= next_poll:
+            full = self._deliver(streams) == BATCH  # a stream far behind: read on at once
+            next_poll = now + (0 if full else POLL_SECONDS)
+        for stream in streams:
+            if time.monotonic() - stream.last_write >= HEARTBEAT_SECONDS:
+                stream.put(b": keep-alive\n\n")
+            stream.flush()
+        self._wait(selector, max(0.0, next_poll - time.monotonic()))
+        return next_poll
 
     def _watch(self, selector: selectors.BaseSelector, watched: dict[int, Stream], streams: list[Stream]) -> None:
         """Socket streams are watched for reading (a client that hangs up) and, with bytes pending, writing."""
@@ -283,7 +295,7 @@ def hub() -> EventHub:
 
 def _filter() -> StreamFilter:
     job_id = request.args.get("job_id")
-    if job_id is not None and not (job_id.isascii() and job_id.isdigit() and len(job_id) <= 18):
+    if job_id is not None and not (job_id.isascii() and job_id.isdigit() and len(job_id) <= 18 and int(job_id) > 0):
         raise BadRequest(f"job_id must be a positive integer, not {job_id[:40]!r}")
     modelversion = request.args.get("modelversion")
     modelname = request.args.get("modelname")
@@ -307,8 +319,12 @@ def job_events() -> Response:
     stream_filter, last_id = _filter(), _last_event_id()
     the_hub = hub()
     the_hub.check_capacity()
-    # Under serve (trainingmgr.http_worker) the connection can be handed to the hub.
-    sock = request.environ.get("gunicorn.socket") if request.environ.get("trainingmgr.can_detach") else None
+    if last_id is None:  # from the next event on, as of this request
+        last_id = the_hub.newest_id()
+    # Under serve (trainingmgr.http_worker) an HTTP/1.1 connection (chunked: the framing the hub writes) is handed
+    # to the hub; an HTTP/1.0 one keeps its thread.
+    detachable = request.environ.get("trainingmgr.can_detach") and request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+    sock = request.environ.get("gunicorn.socket") if detachable else None
 
     def body() -> Iterator[bytes]:
         # The stream is opened once the body is read, not before (a response never read holds no stream), and

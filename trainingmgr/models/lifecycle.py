@@ -18,7 +18,7 @@ import uuid
 from datetime import datetime
 from typing import Mapping
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from .base import utcnow
@@ -143,6 +143,13 @@ class JobStateMachine:
              attempt: int | None = None) -> None:
         """Apply (step, state) changes in order; InvalidTransition if one is not forward. `reason` goes with the
         events of the changes (why a step failed ...), `attempt` says which try of the work it was."""
+        # The job's row, locked until this transaction ends, as it is now: a change made meanwhile by another
+        # transaction (a cancel while a worker asked the pipeline engine) is not overwritten.
+        stored = self.session.execute(
+            select(TrainingJob.status).where(TrainingJob.id == job.id).with_for_update()
+        ).scalar_one_or_none()
+        if stored in ENDED and job.status not in ENDED:
+            raise InvalidTransition(f"the job has ended meanwhile ({stored})")
         now = utcnow()
         steps = dict(job.steps_state)
         times = {step: dict(entry) for step, entry in (job.step_times or {}).items()}

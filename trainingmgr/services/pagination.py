@@ -11,6 +11,7 @@ from ..errors import ValidationFailed
 from ..schemas.fields import parse_small_int
 
 T = TypeVar("T")
+MAX_KEY = 2**63 - 1  # the largest integer key a database column holds
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ def page_request(args: dict[str, str], *, default_limit: int, max_limit: int, ke
         except ValidationFailed as e:
             errors.update(e.errors or {})
         else:
-            if not isinstance(after, key_type) or isinstance(after, bool):
+            if (not isinstance(after, key_type) or isinstance(after, bool)
+                    or (isinstance(after, int) and not -MAX_KEY <= after <= MAX_KEY)):
                 errors["cursor"] = ["Not a valid cursor: use the one from the Link header."]
     if errors:
         raise ValidationFailed(errors)

@@ -211,6 +211,10 @@ class Worker:
         except LeaseLost:
             db.session.rollback()
             log.warning("lease lost; outcome dropped", extra={"worker": owner, "work_item": claim.id})
+        except lc.InvalidTransition as e:  # the job moved on meanwhile (cancelled, deleted): nothing to do
+            db.session.rollback()
+            log.info("step outcome dropped: %s", e, extra={"worker": owner, "work_item": claim.id,
+                                                            "trainingjob_id": claim.job_id})
         finally:
             with self._held_lock:
                 self._held.pop(owner, None)
