@@ -62,13 +62,17 @@ def open_streams(port: int, count: int) -> list[socket.socket]:
         sock.sendall(f"GET {EVENTS} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         streams.append(sock)
     for sock in streams:
-        head = b""
-        while b"retry:" not in head:
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise SystemExit("a stream was closed by the server")
-            head += chunk
+        read_until(sock, b"retry:")
     return streams
+
+
+def read_until(sock: socket.socket, marker: bytes) -> None:
+    seen = b""
+    while marker not in seen:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise SystemExit("a stream was closed by the server")
+        seen += chunk
 
 
 def main() -> None:
@@ -113,12 +117,7 @@ def first_event_everywhere(url: str, streams: list[socket.socket]) -> float:
     requests.post(url + JOBS, json=job, timeout=30).raise_for_status()
     created = time.perf_counter()
     for sock in streams:
-        seen = b""
-        while b'"job_id": 1' not in seen:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise SystemExit("a stream was closed by the server")
-            seen += chunk
+        read_until(sock, b'"job_id": 1')
     return time.perf_counter() - created
 
 

@@ -232,7 +232,7 @@ def test_a_client_that_does_not_read_is_dropped():
     reader, writer = socket.socketpair()
     try:
         writer.setblocking(False)
-        stream = Stream(StreamFilter(), 0, sock=writer, chunked=True)
+        stream = Stream(StreamFilter(), 0, sock=writer)
         blob = b"x" * 65536
         for _ in range(200):  # far more than the socket buffers hold
             stream.put(blob)

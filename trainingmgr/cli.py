@@ -11,7 +11,7 @@ import click
 from flask import current_app
 from flask.cli import ScriptInfo, with_appcontext
 
-from . import create_app
+from . import cli_client, create_app
 from .config import Settings, SettingsError
 
 READY_SECONDS = 300  # a cold start on a loaded machine (imports, migration) is slow, but not this slow
@@ -264,14 +264,8 @@ def worker(threads: int | None, notify_threads: int | None) -> None:
     running.stop()
 
 
-def _add_client_commands() -> None:
-    from .cli_client import featuregroups, jobs, pipelines
-
-    for group in (jobs, featuregroups, pipelines):
-        cli.add_command(group)
-
-
-_add_client_commands()
+for client_group in (cli_client.jobs, cli_client.featuregroups, cli_client.pipelines):  # the API from the shell
+    cli.add_command(client_group)
 
 
 def main() -> None:

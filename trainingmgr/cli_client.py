@@ -56,6 +56,9 @@ def api_command(function: Callable[..., Any]) -> Callable[..., Any]:
                         show_envvar=True, help="The service.")(run)
 
 
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+
+
 def table(rows: Iterable[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     """Rows as aligned text columns: (heading, key) pairs; missing values as "-"."""
     lines = [[heading for heading, _ in columns]]
@@ -109,7 +112,7 @@ def jobs() -> None:
 
 @jobs.command("list")
 @click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True, help="Newest first.")
-@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@json_option
 @api_command
 def jobs_list(client: TrainingManagerClient, limit: int, as_json: bool) -> None:
     """The newest training jobs."""
@@ -121,7 +124,7 @@ def jobs_list(client: TrainingManagerClient, limit: int, as_json: bool) -> None:
 
 @jobs.command("show")
 @click.argument("job_id", type=click.IntRange(1))
-@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@json_option
 @api_command
 def jobs_show(client: TrainingManagerClient, job_id: int, as_json: bool) -> None:
     """One job: its steps with their times, and its history."""
@@ -238,7 +241,7 @@ def featuregroups() -> None:
 
 
 @featuregroups.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@json_option
 @api_command
 def featuregroups_list(client: TrainingManagerClient, as_json: bool) -> None:
     """Every feature group, by name."""
@@ -285,7 +288,7 @@ def pipelines() -> None:
 
 
 @pipelines.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@json_option
 @api_command
 def pipelines_list(client: TrainingManagerClient, as_json: bool) -> None:
     """Every pipeline."""

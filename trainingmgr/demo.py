@@ -35,9 +35,6 @@ class Demo:
         self.echo = echo
         self.job_timeout = job_timeout
 
-    def _call(self, method: str, path: str, expect: tuple[int, ...], **kwargs: Any) -> requests.Response:
-        return self.api.call(method, path, expect, **kwargs)
-
     def feature_group(self) -> None:
         body = {
             "featuregroup_name": FEATURE_GROUP,
@@ -46,7 +43,7 @@ class Demo:
             "measurement": "cell_kpis.csv",
             "enable_dme": False,
         }
-        response = self._call("POST", "/ai-ml-model-training/v1/featureGroup", (201, 409), json=body)
+        response = self.api.call("POST", "/ai-ml-model-training/v1/featureGroup", (201, 409), json=body)
         self.echo(f"feature group {FEATURE_GROUP}: " + ("created" if response.status_code == 201 else "exists"))
 
     def pipelines(self) -> dict[str, str]:
@@ -54,7 +51,7 @@ class Demo:
         for name, file_name in PIPELINES.items():
             path = EXAMPLES / "pipelines" / file_name
             with path.open("rb") as f:
-                response = self._call("POST", f"/pipelines/{name}/upload", (200,),
+                response = self.api.call("POST", f"/pipelines/{name}/upload", (200,),
                                       files={"file": (file_name, f)}, data={"description": "bundled example"})
             versions[name] = response.json()["version"]
             self.echo(f"pipeline {name}: uploaded version {versions[name]}")
@@ -80,7 +77,7 @@ class Demo:
                 },
             },
         }
-        job = self._call("POST", JOBS, (201,), json=body).json()
+        job = self.api.call("POST", JOBS, (201,), json=body).json()
         kind = "retraining" if job["is_retraining"] else "training"
         self.echo(f"job {job['id']}: {kind} of {MODEL} version {model_version}, "
                   f"artifact {job['modelId']['artifactversion']}")
@@ -115,12 +112,12 @@ class Demo:
 
     def run(self) -> bool:
         try:
-            self._call("GET", "/readyz", (200,))
+            self.api.call("GET", "/readyz", (200,))
             self.feature_group()
             versions = self.pipelines()
             model_version = self.model_version()
             first = self.train(versions, model_version)
-            metrics = self._call("GET", f"{JOBS}/get-model-metrics/{first['id']}", (200,)).json()
+            metrics = self.api.call("GET", f"{JOBS}/get-model-metrics/{first['id']}", (200,)).json()
             self.echo("  metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in metrics.items()))
             self.download(first)

@@ -35,7 +35,7 @@ from kfp_server_api.exceptions import ApiException
 
 from .base import AdapterError, PipelineEngine, RunStatus
 from ..models.lifecycle import RunState, run_state
-from .pipeline_files import coerce_parameter, load_spec, parameter_definitions
+from .pipeline_files import load_spec, run_parameters
 from .pipeline_files import yaml_documents
 
 log = logging.getLogger(__name__)
@@ -240,11 +240,7 @@ class KfpPipelineEngine(PipelineEngine):
         from kfp_server_api import V2beta1PipelineVersionReference, V2beta1Run, V2beta1RuntimeConfig
 
         file_path = Path(file_path)
-        declared = parameter_definitions(load_spec(file_path))
-        dropped = sorted(set(parameters) - set(declared))
-        if dropped:
-            log.info("parameters not declared by the pipeline left out", extra={"run_id": run_id, "dropped": dropped})
-        params = {k: coerce_parameter(v, declared[k]) for k, v in parameters.items() if k in declared}
+        params = run_parameters(load_spec(file_path), parameters, run_id)
         reference = package = None
         if engine_ref:
             pipeline_id, version_id = _parse_ref(engine_ref)

@@ -2,8 +2,9 @@
 so a restart does not lose them and a slow receiver never holds a worker for more than one timeout.
 
 The wire body is what the reference sent (see wire-compat.md, "rApp notification"): the steps_state serialised to a
-JSON string (models.lifecycle.notification_body), sent as a JSON string literal. Our additions are headers only: X-TM-Delivery-Id (the same for every
-attempt of one notification, so receivers can drop duplicates) and, with a key, X-TM-Signature.
+JSON string (models.lifecycle.notification_body), sent as a JSON string literal. Our additions are headers only:
+X-TM-Delivery-Id (the same for every attempt of one notification, so receivers can drop duplicates) and, with a
+key, X-TM-Signature.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .base import AdapterError, PipelineEngine, RunStatus
-from .pipeline_files import coerce_parameter, load_spec, parameter_definitions
+from .pipeline_files import load_spec, run_parameters
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +167,8 @@ class LocalPipelineEngine(PipelineEngine):
         """
         run_dir = self._run_dir(run_id)
         file_path = Path(file_path).resolve()
-        declared = parameter_definitions(load_spec(file_path))
-        dropped = sorted(set(parameters) - set(declared))
-        if dropped:
-            log.info("parameters not declared by the pipeline left out", extra={"run_id": run_id, "dropped": dropped})
-        request = {
-            "pipeline_file": str(file_path),
-            "parameters": {k: coerce_parameter(v, declared[k]) for k, v in parameters.items() if k in declared},
-        }
+        request = {"pipeline_file": str(file_path),
+                   "parameters": run_parameters(load_spec(file_path), parameters, run_id)}
         with self._start_lock():
             if (run_dir / "pid").exists():
                 return run_id

@@ -33,6 +33,7 @@ from ..errors import BadRequest, ServiceUnavailable
 from ..extensions import db
 from ..http_worker import StreamDetached
 from ..models import JobEvent, Model, TrainingJob
+from ..schemas.training_job import dump_event
 from .common import services
 
 log = logging.getLogger(__name__)
@@ -53,18 +54,17 @@ class StreamFilter:
     modelname: str | None = None
     modelversion: str | None = None
 
-    def matches(self, row: Any) -> bool:
-        return ((self.job_id is None or row.job_id == self.job_id)
-                and (self.modelname is None or row.modelname == self.modelname)
-                and (self.modelversion is None or row.modelversion == self.modelversion))
+    def matches(self, job_id: int, modelname: str, modelversion: str) -> bool:
+        return ((self.job_id is None or job_id == self.job_id)
+                and (self.modelname is None or modelname == self.modelname)
+                and (self.modelversion is None or modelversion == self.modelversion))
 
 
 @dataclass(eq=False)
 class Stream:
     filter: StreamFilter
     last_id: int
-    sock: socket.socket | None = None  # the connection (under serve); else frames go to `frames`
-    chunked: bool = False  # the head announced chunked framing: each write is one chunk
+    sock: socket.socket | None = None  # the connection (chunked framing), else None: frames go to `frames`
     frames: "queue.Queue[bytes | None]" = field(default_factory=queue.Queue)
     pending: bytearray = field(default_factory=bytearray)
     last_write: float = field(default_factory=time.monotonic)
@@ -75,7 +75,7 @@ class Stream:
         if self.sock is None:
             self.frames.put(data)
             return
-        self.pending += f"{len(data):x}\r\n".encode() + data + b"\r\n" if self.chunked else data
+        self.pending += f"{len(data):x}\r\n".encode() + data + b"\r\n"  # one chunk
 
     def flush(self) -> None:
         """Write what the socket takes now; a client too far behind is closed."""
@@ -103,10 +103,11 @@ class Stream:
 
 
 def frame(row: Any) -> bytes:
-    data = {"id": row.id, "job_id": row.job_id, "seq": row.seq, "time": row.at.isoformat(), "step": row.step,
-            "from": row.from_state, "to": row.to_state, "reason": row.reason, "attempt": row.attempt,
-            "modelname": row.modelname, "modelversion": row.modelversion, "job_status": row.status}
-    return f"id: {row.id}\nevent: job\ndata: {json.dumps(data)}\n\n".encode()
+    """One SSE event: the job event as the history route shows it, with its job and model."""
+    event = row.JobEvent
+    data = {**dump_event(event), "job_id": event.job_id, "modelname": row.modelname,
+            "modelversion": row.modelversion, "job_status": row.status}
+    return f"id: {event.id}\nevent: job\ndata: {json.dumps(data)}\n\n".encode()
 
 
 class EventHub:
@@ -133,11 +134,11 @@ class EventHub:
         """A new stream of the events after `last_id`, written to `sock` (chunked), else to its queue."""
         if sock is not None:
             sock.setblocking(False)
-        newest = self.newest_id()
+        newest = self.newest_id() if self.watermark is None else None  # a hub already running knows where it is
         with self.lock:
             if self.watermark is None:
-                self.watermark = newest
-            stream = Stream(stream_filter, last_id, sock=sock, chunked=sock is not None)
+                self.watermark = newest if newest is not None else self.newest_id()
+            stream = Stream(stream_filter, last_id, sock=sock)
             self.streams.append(stream)
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name="tm-event-hub", daemon=True)
@@ -180,11 +181,8 @@ class EventHub:
             except Exception:  # noqa: BLE001 - the hub must outlive any one fault: its streams would hang
                 log.exception("event hub: a round failed; the next one follows")
                 time.sleep(POLL_SECONDS)
-        for stream in list(watched.values()):
-            try:
-                selector.unregister(stream.sock)
-            except (KeyError, ValueError, OSError):
-                pass
+        for stream in watched.values():
+            _unregister(selector, stream)
         selector.close()
 
     def _serve(self, selector: selectors.BaseSelector, watched: dict[int, Stream], streams: list[Stream],
@@ -205,11 +203,8 @@ class EventHub:
     def _watch(self, selector: selectors.BaseSelector, watched: dict[int, Stream], streams: list[Stream]) -> None:
         """Socket streams are watched for reading (a client that hangs up) and, with bytes pending, writing."""
         for key, stream in list(watched.items()):
-            if stream.closed or stream.sock is None or stream.sock.fileno() < 0:
-                try:
-                    selector.unregister(stream.sock)
-                except (KeyError, ValueError, OSError):
-                    pass
+            if stream.closed or stream.sock.fileno() < 0:
+                _unregister(selector, stream)
                 del watched[key]
         for stream in streams:
             if stream.sock is None or stream.closed:
@@ -240,8 +235,7 @@ class EventHub:
                     pass
                 except OSError:
                     stream.closed = True
-        if self.wake_up.is_set():
-            self.wake_up.clear()
+        self.wake_up.clear()
 
     def _deliver(self, streams: list[Stream]) -> int:
         """Pass on the new events; how many were read (BATCH: there may be more at once)."""
@@ -249,9 +243,7 @@ class EventHub:
         try:
             with self.app.app_context():
                 rows = db.session.execute(
-                    select(JobEvent.id, JobEvent.job_id, JobEvent.seq, JobEvent.at, JobEvent.step,
-                           JobEvent.from_state, JobEvent.to_state, JobEvent.reason, JobEvent.attempt,
-                           Model.modelname, Model.modelversion, TrainingJob.status)
+                    select(JobEvent, Model.modelname, Model.modelversion, TrainingJob.status)
                     .join(TrainingJob, TrainingJob.id == JobEvent.job_id).join(Model, Model.id == TrainingJob.model_id)
                     .where(JobEvent.id > after).order_by(JobEvent.id).limit(BATCH)
                 ).all()
@@ -259,15 +251,16 @@ class EventHub:
         except Exception as e:  # noqa: BLE001 - a database outage: the streams wait, and resume when it is back
             log.warning("event streams could not read new events: %s", e.__class__.__name__)
             return 0
-        self._advance_watermark([row.id for row in rows])
+        self._advance_watermark([row.JobEvent.id for row in rows])
         for row in rows:
-            if row.id > self.watermark:
+            event_id = row.JobEvent.id
+            if event_id > self.watermark:
                 break
             for stream in streams:
-                if row.id > stream.last_id:
-                    if stream.filter.matches(row):
+                if event_id > stream.last_id:
+                    if stream.filter.matches(row.JobEvent.job_id, row.modelname, row.modelversion):
                         stream.put(frame(row))
-                    stream.last_id = row.id
+                    stream.last_id = event_id
         return len(rows)
 
     def _advance_watermark(self, ids: list[int]) -> None:
@@ -283,6 +276,13 @@ class EventHub:
             if now - self.gap_since < GAP_SECONDS:
                 return
             self.watermark, self.gap_since = event_id, None
+
+
+def _unregister(selector: selectors.BaseSelector, stream: Stream) -> None:
+    try:
+        selector.unregister(stream.sock)
+    except (KeyError, ValueError, OSError):  # closed, or never registered
+        pass
 
 
 def hub() -> EventHub:

@@ -284,12 +284,13 @@ class StepExecutor:
                 engine.start_run(run_id, file_path, engine_ref, parameters)
             except AdapterError as e:
                 return self._retry_or_fail(claim, job, e, "the pipeline run could not start")
-        self.session.refresh(job)
-        if job.status in lc.ENDED:  # cancelled while the run was starting: the cancel found no run to stop
-            self._terminate_quietly(run_id)
-            return self._drop(claim)
         job.run_started_at = utcnow()
-        self.state_machine.move(job, (lc.DATA_EXTRACTION_AND_TRAINING, lc.FINISHED), (lc.TRAINING, lc.IN_PROGRESS))
+        try:
+            self.state_machine.move(job, (lc.DATA_EXTRACTION_AND_TRAINING, lc.FINISHED),
+                                    (lc.TRAINING, lc.IN_PROGRESS))
+        except lc.InvalidTransition:  # cancelled while the run was starting: the cancel found no run to stop
+            self._terminate_quietly(run_id)
+            raise
         self.queue.enqueue(
             job.id, WATCH_RUN, delay=engine.watch_interval,
             deadline_at=utcnow() + timedelta(seconds=self.settings.training_deadline),
