@@ -59,6 +59,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/ai-ml-model-training/v1/training-jobs/<training_job_id>/cancel"): WRITER,
     ("GET", "/ai-ml-model-training/v1/training-jobs/<training_job_id>/status"): READER,
     ("GET", "/ai-ml-model-training/v1/training-jobs/<training_job_id>/events"): READER,
+    ("GET", "/ai-ml-model-training/v1/training-jobs/<training_job_id>/logs"): READER,
     ("GET", "/ai-ml-model-training/v1/training-jobs/<modelname:model_name>/<modelversion:model_version>"): READER,
     ("GET", "/ai-ml-model-training/v1/training-jobs/get-model-metrics/<trainingjob_id>"): READER,
     ("POST", "/ai-ml-model-training/v1/training-jobs/update-model-metrics/<trainingjob_id>"): WRITER,

@@ -8,9 +8,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import requests
 from click.testing import CliRunner
 
 from tests.processes import free_port, ready_server
+from tests.test_run_logs import numbered, talking_pipeline
 from tests.test_training_lifecycle import (FEATURES, RETRAINING_YAML, TRAINING_YAML, failing_pipeline, job_request,
                                           slow_pipeline)
 from trainingmgr.cli import cli
@@ -99,6 +101,28 @@ def test_a_failed_job_is_exit_1_and_a_cancelled_one_too(ready, tmp_path):
     again = run(ready, "jobs", "cancel", slow_id)
     assert again.exit_code == 3 and "409" in again.output and "ended already" in again.output
     assert run(ready, "jobs", "download", slow_id).exit_code == 3
+
+
+def test_logs_follow_a_running_job_on_the_command_line_and_as_one_streamed_answer(ready, tmp_path):
+    """`jobs logs --follow` reads on until the job ends; `?follow=true` is one chunked answer that the server's
+    event hub writes (the connection is handed over: it holds no request thread) and ends with the job."""
+    url, folder = ready
+    assert run(ready, "pipelines", "upload", "talks", str(talking_pipeline(tmp_path, 20, 0.2))).exit_code == 0
+    created = run(ready, "jobs", "create", "-f", write(folder, "talk.json", job_request("talker", pipeline="talks")))
+    job_id = created.stdout.splitlines()[0]
+    streamed = bytearray()
+    with requests.get(f"{url}/ai-ml-model-training/v1/training-jobs/{job_id}/logs?follow=true&offset=0",
+                      stream=True, timeout=(10, 120)) as answer:
+        assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("text/plain")
+        assert answer.headers.get("Transfer-Encoding") == "chunked"
+        for chunk in answer.iter_content(chunk_size=None):
+            streamed += chunk
+    followed = run(ready, "jobs", "logs", job_id, "--follow")
+    assert followed.exit_code == 0, followed.output
+    assert numbered(streamed.decode()) == list(range(20)), "streamed to the end of the job's run"
+    assert followed.stdout_bytes == bytes(streamed), "the whole output, as kept with the finished job"
+    assert run(ready, "jobs", "wait", job_id, "--timeout", "60").exit_code == 0
+    assert run(ready, "jobs", "logs", "999999").exit_code == 3
 
 
 def test_feature_groups_and_pipelines(ready):

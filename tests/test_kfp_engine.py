@@ -385,6 +385,34 @@ def test_failed_run_says_why(kfp: KfpDouble, make_engine, pipelines, registered)
     assert status.ended_at == _parsed(kfp.runs[kfp_run_id]["finished_at"])
 
 
+def test_the_run_log_is_the_run_and_its_tasks_state_changes_in_time_order(kfp: KfpDouble, make_engine, pipelines,
+                                                                          registered):
+    """KFP's API keeps no container output: the log of a KFP run is what the API records, each state change of the
+    run and of its tasks, with their errors."""
+    engine = make_engine()
+    kfp_run_id = engine.start_run("tj1-aaaaaaaa", pipelines["training"], registered, PARAMETERS)
+    first = engine.run_log("tj1-aaaaaaaa", 0, 1 << 20)
+    assert first.data.decode().endswith(" run PENDING\n") and first.size == len(first.data)
+    kfp.set_run_state(kfp_run_id, "RUNNING")
+    kfp.runs[kfp_run_id]["run_details"] = {"task_details": [{
+        "display_name": "train",
+        "state_history": [{"update_time": "2030-01-01T00:00:01Z", "state": "RUNNING"},
+                          {"update_time": "2030-01-01T00:00:02Z", "state": "FAILED",
+                           "error": {"code": 2, "message": "ValueError: bad data"}}],
+    }]}
+    kfp.set_run_state(kfp_run_id, "FAILED", error="task train failed")
+    for change, moment in zip(kfp.runs[kfp_run_id]["state_history"], ("00:00:00", "00:00:00.5", "00:00:03")):
+        change["update_time"] = f"2030-01-01T{moment}Z"
+    lines = engine.run_log("tj1-aaaaaaaa", 0, 1 << 20).data.decode().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [
+        "run PENDING", "run RUNNING", "task train RUNNING", "task train FAILED: ValueError: bad data", "run FAILED",
+        "error: task train failed"]
+    assert engine.run_log("tj1-aaaaaaaa", len(first.data), 1 << 20).data.decode().startswith(lines[1]), \
+        "read on from an offset: the text grew at its end"
+    with pytest.raises(AdapterError, match="unknown run"):
+        engine.run_log("tj9-bbbbbbbb", 0, 100)
+
+
 def test_succeeded_run_has_no_local_model(kfp: KfpDouble, make_engine, pipelines, registered):
     engine = make_engine()
     kfp_run_id = engine.start_run("tj1-aaaaaaaa", pipelines["training"], registered, PARAMETERS)

@@ -202,6 +202,19 @@ def jobs_wait(client: TrainingManagerClient, job_id: int, timeout: float) -> Non
     _follow(client, job_id, timeout)
 
 
+@jobs.command("logs")
+@click.argument("job_id", type=click.IntRange(1))
+@click.option("--follow", "-f", is_flag=True, help="Go on printing the output as the run writes it, until the "
+                                                   "job ends.")
+@api_command
+def jobs_logs(client: TrainingManagerClient, job_id: int, follow: bool) -> None:
+    """Print the output of the job's pipeline run (its last part when long)."""
+    out = sys.stdout.buffer  # the bytes as the run wrote them
+    for data in client.follow_log(job_id) if follow else [client.log(job_id)[0]]:
+        out.write(data)
+        out.flush()
+
+
 @jobs.command("cancel")
 @click.argument("job_id", type=click.IntRange(1))
 @api_command

@@ -99,6 +99,26 @@ class TrainingManagerClient:
     def events(self, job_id: int) -> list[dict[str, Any]]:
         return list(self.pages(f"{JOBS}/{job_id}/events?limit=1000"))
 
+    def log(self, job_id: int, offset: int | None = None) -> tuple[bytes, int, bool]:
+        """The job's run output from `offset` (None: its last part): (bytes, where the next read starts, whether
+        the job has ended and this was the end of it)."""
+        response = self.call("GET", f"{JOBS}/{job_id}/logs" + ("" if offset is None else f"?offset={offset}"))
+        return (response.content, int(response.headers.get("X-Log-Offset", "0")),
+                response.headers.get("X-Log-Complete") == "true")
+
+    def follow_log(self, job_id: int, interval: float = 1.0) -> Iterator[bytes]:
+        """The job's run output as it grows, until the job has ended and all of it is read. It asks again every
+        `interval` seconds from where it was (a broken connection loses nothing: reads are retried)."""
+        offset = None
+        while True:
+            data, offset, complete = self.log(job_id, offset)
+            if data:
+                yield data
+            if complete:
+                return
+            if not data:
+                time.sleep(interval)
+
     def metrics(self, job_id: int) -> dict[str, Any]:
         return self.get(f"{JOBS}/get-model-metrics/{job_id}")
 

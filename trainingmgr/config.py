@@ -128,8 +128,17 @@ class Settings:
         default=256,
         metadata={
             "env": "TM_MAX_EVENT_STREAMS",
-            "doc": "open event streams (GET .../v1/events) per server process; more are answered 503. Under serve "
+            "doc": "open event streams (GET .../v1/events) and followed run logs per server process; more are "
+            "answered 503. Under serve "
             "a stream holds no request thread",
+        },
+    )
+    run_log_max_bytes: int = field(
+        default=1024 * 1024,
+        metadata={
+            "env": "TM_RUN_LOG_MAX_BYTES",
+            "doc": "how much of a pipeline run's output is kept with its job when the run ends (its last bytes); "
+            "served at GET .../training-jobs/{id}/logs",
         },
     )
     auth: str = field(
@@ -392,6 +401,8 @@ class Settings:
             raise SettingsError("TM_SOURCE_UNREACHABLE_TIMEOUT must not be negative")
         if self.max_event_streams < 1:
             raise SettingsError("TM_MAX_EVENT_STREAMS must be at least 1")
+        if not 4096 <= self.run_log_max_bytes <= 64 * 1024 * 1024:
+            raise SettingsError("TM_RUN_LOG_MAX_BYTES must be between 4096 and 67108864 (64 MiB)")
         if self.max_concurrent_runs < 1 or self.worker_threads < 1 or self.notify_threads < 1:
             raise SettingsError("TM_MAX_CONCURRENT_RUNS, TM_WORKER_THREADS and TM_NOTIFY_THREADS must be at least 1")
         self._validate_auth()

@@ -100,6 +100,14 @@ class RunStatus:
     ended_at: datetime | None = field(default=None, compare=False)
 
 
+@dataclass(frozen=True)
+class RunLog:
+    """Part of a run's output: `data` read from a byte offset, and how many bytes the output holds now."""
+
+    data: bytes
+    size: int
+
+
 class PipelineEngine(abc.ABC):
     # How often the worker asks about a running run: a local file check is cheap, a remote call is not.
     watch_interval: float = 0.1
@@ -124,6 +132,11 @@ class PipelineEngine(abc.ABC):
     @abc.abstractmethod
     def capacity_left(self) -> int:
         """How many more runs may start now."""
+
+    @abc.abstractmethod
+    def run_log(self, run_id: str, offset: int, limit: int) -> RunLog:
+        """The run's output (it only grows) from byte `offset` on, at most `limit` bytes. AdapterError
+        (not retryable) for a run the engine does not know (never started, or cleaned up)."""
 
     def ready(self) -> bool:
         return True

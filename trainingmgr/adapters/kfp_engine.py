@@ -33,7 +33,7 @@ import urllib3
 import yaml
 from kfp_server_api.exceptions import ApiException
 
-from .base import AdapterError, PipelineEngine, RunStatus
+from .base import AdapterError, PipelineEngine, RunLog, RunStatus
 from ..models.lifecycle import RunState, run_state
 from .pipeline_files import load_spec, run_parameters
 from .pipeline_files import yaml_documents
@@ -126,6 +126,25 @@ def _aware(moment: Any) -> datetime | None:
     if not isinstance(moment, datetime) or moment.year <= 1970:
         return None
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _state_lines(run: Any) -> Iterator[tuple[str, str]]:
+    """(sort key, line) for each state the run and its tasks went through, as KFP recorded them."""
+    def lines(what: str, history: Any, error: Any) -> Iterator[tuple[str, str]]:
+        for change in history or ():
+            moment = _aware(getattr(change, "update_time", None))
+            when = moment.isoformat() if moment else ""
+            line = f"{when} {what} {str(getattr(change, 'state', '') or '').upper()}"
+            message = getattr(getattr(change, "error", None), "message", None)
+            yield when, f"{line}: {message}\n" if message else f"{line}\n"
+        message = getattr(error, "message", None)
+        if message and not any(getattr(getattr(c, "error", None), "message", None) for c in history or ()):
+            yield "~", f"{what} error: {message}\n"  # an error KFP kept with no state change: after the changes
+
+    yield from lines("run", getattr(run, "state_history", None), getattr(run, "error", None))
+    for task in getattr(getattr(run, "run_details", None), "task_details", None) or ():
+        name = getattr(task, "display_name", None) or getattr(task, "task_id", None) or "task"
+        yield from lines(f"task {name}", getattr(task, "state_history", None), getattr(task, "error", None))
 
 
 def _open_client(host: str, token: str, request_timeout: tuple[float, float]) -> Any:
@@ -278,16 +297,7 @@ class KfpPipelineEngine(PipelineEngine):
 
     def run_status(self, run_id: str) -> RunStatus:
         """The run's state. AdapterError(retryable=False) when no run has that name; retryable on an outage."""
-        kfp_run_id = self._known_run(run_id)
-        try:
-            run = self._retrying(lambda: self._api(f"reading run {run_id}", lambda c: c._run_api.run_service_get_run(
-                run_id=kfp_run_id, _request_timeout=self._request_timeout)))
-        except KfpError as e:
-            if e.status == 404:
-                with self._lock:
-                    self._runs.pop(run_id, None)
-                raise AdapterError(f"unknown run {run_id!r}") from None
-            raise
+        run = self._get_run(run_id)
         state = str(run.state or "").upper()
         ended_at = _aware(getattr(run, "finished_at", None))
         ended = run_state(state)  # KFP's word in the service's vocabulary (the lifecycle module owns it)
@@ -320,6 +330,15 @@ class KfpPipelineEngine(PipelineEngine):
             log.info("run not terminated", extra={"run_id": run_id, "reason": str(e)})
             return
         log.info("pipeline run terminated", extra={"run_id": run_id, "kfp_run_id": kfp_run_id})
+
+    def run_log(self, run_id: str, offset: int, limit: int) -> RunLog:
+        """The run's and its tasks' state changes, one line each, oldest first, with each task's error.
+
+        KFP's API keeps no container output: its UI reads the pods' logs from Kubernetes, which this service does not
+        reach. Lines are ordered by time, so the text grows at its end as the run goes on."""
+        run = self._get_run(run_id)
+        data = "".join(line for _, line in sorted(_state_lines(run))).encode()
+        return RunLog(data[max(0, offset):max(0, offset) + max(0, limit)], len(data))
 
     def cleanup(self, run_id: str) -> None:
         """Nothing is left on this machine; KFP keeps the run's record (and the cluster its garbage collection)."""
@@ -444,6 +463,18 @@ class KfpPipelineEngine(PipelineEngine):
         with self._lock:
             self._experiment_id = experiment_id
         return experiment_id
+
+    def _get_run(self, run_id: str) -> Any:
+        kfp_run_id = self._known_run(run_id)
+        try:
+            return self._retrying(lambda: self._api(f"reading run {run_id}", lambda c: c._run_api.run_service_get_run(
+                run_id=kfp_run_id, _request_timeout=self._request_timeout)))
+        except KfpError as e:
+            if e.status == 404:
+                with self._lock:
+                    self._runs.pop(run_id, None)
+                raise AdapterError(f"unknown run {run_id!r}") from None
+            raise
 
     def _find_run(self, run_id: str) -> str | None:
         """The KFP id of the run named `run_id` (the newest if there are several), None when there is none."""

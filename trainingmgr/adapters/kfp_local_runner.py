@@ -73,6 +73,11 @@ def run(run_dir: Path) -> dict[str, Any]:
     request = json.loads((run_dir / "request.json").read_text())
     from kfp import local
     from kfp.components import load_component_from_file
+    from kfp.local import logging_utils
+
+    # The output is kept and served as the run's log, read in files and pages: no terminal colour codes in it.
+    if hasattr(logging_utils, "color_text"):
+        logging_utils.color_text = lambda text, color: text
 
     pipeline_root = run_dir / "root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)

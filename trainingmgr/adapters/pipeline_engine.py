@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .base import AdapterError, PipelineEngine, RunStatus
+from .base import AdapterError, PipelineEngine, RunLog, RunStatus
 from .pipeline_files import load_spec, run_parameters
 
 log = logging.getLogger(__name__)
@@ -270,6 +270,17 @@ class LocalPipelineEngine(PipelineEngine):
     def capacity_left(self) -> int:
         self._reap()
         return self._capacity_left()
+
+    def run_log(self, run_id: str, offset: int, limit: int) -> RunLog:
+        """output.log: kfp.local's own lines and every task's stdout and stderr, as the runner wrote them."""
+        run_dir = self._existing(run_id)
+        try:
+            with open(run_dir / "output.log", "rb") as output:
+                size = os.fstat(output.fileno()).st_size
+                output.seek(max(0, offset))
+                return RunLog(output.read(max(0, limit)), size)
+        except FileNotFoundError:  # cleaned up between the look and the read
+            raise AdapterError(f"unknown run {run_id!r}") from None
 
     # ------------------------------------------------------------------ helpers
     def _run_dir(self, run_id: str) -> Path:

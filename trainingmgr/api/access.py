@@ -56,6 +56,7 @@ ROUTE_ACCESS: dict[str, str] = {
     "training_jobs.get_training_job_legacy": READER,
     "training_jobs.get_training_job_status": READER,
     "training_jobs.list_training_job_events": READER,
+    "training_jobs.get_training_job_logs": READER,
     "training_jobs.get_model_metrics": READER,
     "training_jobs.create_training_job": WRITER,
     "training_jobs.delete_training_job": WRITER,

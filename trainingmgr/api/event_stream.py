@@ -24,12 +24,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from flask import Blueprint, Flask, Response, current_app, request
 from sqlalchemy import func, select
 
-from ..errors import BadRequest, ServiceUnavailable
+from ..errors import BadRequest, NotFound, ServiceUnavailable
 from ..extensions import db
 from ..http_worker import StreamDetached
 from ..models import JobEvent, Model, TrainingJob
@@ -46,6 +46,7 @@ GAP_SECONDS = 2.0  # how long an id missing between seen ones is waited for befo
 BATCH = 500  # events fetched per query (a client resuming far behind catches up batch by batch)
 MAX_PENDING_BYTES = 1024 * 1024  # a client that reads slower than this is behind is dropped (it can resume)
 RETRY_MILLISECONDS = 3000
+StreamT = TypeVar("StreamT", bound="Stream")
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Stream:
     pending: bytearray = field(default_factory=bytearray)
     last_write: float = field(default_factory=time.monotonic)
     closed: bool = False
+    finishing: bool = False  # the last chunk is written: closed once the client has it all
 
     def put(self, data: bytes) -> None:
         self.last_write = time.monotonic()
@@ -77,9 +79,19 @@ class Stream:
             return
         self.pending += f"{len(data):x}\r\n".encode() + data + b"\r\n"  # one chunk
 
+    def finish(self) -> None:
+        """The response is complete: end the chunked body (or the queue) once what is pending is written."""
+        if self.sock is None:
+            self.frames.put(None)
+            self.closed = True
+            return
+        self.pending += b"0\r\n\r\n"
+        self.finishing = True
+
     def flush(self) -> None:
-        """Write what the socket takes now; a client too far behind is closed."""
+        """Write what the socket takes now; a client too far behind is closed, a finished one once written."""
         if self.sock is None or not self.pending:
+            self.closed = self.closed or self.finishing
             return
         try:
             sent = self.sock.send(self.pending)
@@ -88,7 +100,7 @@ class Stream:
             pass
         except OSError:
             self.closed = True
-        if len(self.pending) > MAX_PENDING_BYTES:
+        if len(self.pending) > MAX_PENDING_BYTES or (self.finishing and not self.pending):
             self.closed = True
 
     def close(self) -> None:
@@ -100,6 +112,19 @@ class Stream:
                 pass
         else:
             self.frames.put(None)
+
+
+@dataclass(eq=False)
+class LogStream(Stream):
+    """A followed run log (`.../training-jobs/{id}/logs?follow=true`): the output from `offset` on, until the job
+    has ended and its kept log is written out."""
+
+    offset: int = 0
+    next_read: float = 0.0
+
+    @property
+    def job_id(self) -> int:
+        return self.filter.job_id or 0
 
 
 def frame(row: Any) -> bytes:
@@ -132,13 +157,21 @@ class EventHub:
 
     def open(self, stream_filter: StreamFilter, last_id: int, sock: socket.socket | None = None) -> Stream:
         """A new stream of the events after `last_id`, written to `sock` (chunked), else to its queue."""
-        if sock is not None:
-            sock.setblocking(False)
         newest = self.newest_id() if self.watermark is None else None  # a hub already running knows where it is
         with self.lock:
             if self.watermark is None:
                 self.watermark = newest if newest is not None else self.newest_id()
-            stream = Stream(stream_filter, last_id, sock=sock)
+        return self._add(Stream(stream_filter, last_id, sock=sock))
+
+    def open_log(self, job_id: int, offset: int, sock: socket.socket | None = None) -> LogStream:
+        """A followed run log from byte `offset` on, written to `sock` (chunked), else to its queue."""
+        return self._add(LogStream(StreamFilter(job_id=job_id), 0, sock=sock, offset=offset,
+                                   next_read=time.monotonic() + POLL_SECONDS))
+
+    def _add(self, stream: StreamT) -> StreamT:
+        if stream.sock is not None:
+            stream.sock.setblocking(False)
+        with self.lock:
             self.streams.append(stream)
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name="tm-event-hub", daemon=True)
@@ -190,11 +223,13 @@ class EventHub:
         """One round: new events out, heartbeats, writes, then a wait; when the next poll is due."""
         self._watch(selector, watched, streams)
         now = time.monotonic()
+        event_streams = [s for s in streams if not isinstance(s, LogStream)]
         if now >= next_poll:
-            full = self._deliver(streams) == BATCH  # a stream far behind: read on at once
+            full = bool(event_streams) and self._deliver(event_streams) == BATCH  # one far behind: read on at once
             next_poll = now + (0 if full else POLL_SECONDS)
+        self._read_logs([s for s in streams if isinstance(s, LogStream)], now)
         for stream in streams:
-            if time.monotonic() - stream.last_write >= HEARTBEAT_SECONDS:
+            if stream in event_streams and time.monotonic() - stream.last_write >= HEARTBEAT_SECONDS:
                 stream.put(b": keep-alive\n\n")
             stream.flush()
         self._wait(selector, max(0.0, next_poll - time.monotonic()))
@@ -263,6 +298,33 @@ class EventHub:
                     stream.last_id = event_id
         return len(rows)
 
+    def _read_logs(self, streams: list[LogStream], now: float) -> None:
+        """Pass on what the followed logs grew by; finish those whose job has ended and been written out."""
+        due = [s for s in streams if now >= s.next_read and not s.finishing and not s.closed]
+        if not due:
+            return
+        with self.app.app_context():
+            jobs = services().training_jobs()
+            # A remote engine is asked no more often than the steps ask it.
+            interval = max(POLL_SECONDS, services().engine.watch_interval)
+            for stream in due:
+                stream.next_read = now + interval
+                try:
+                    while True:
+                        piece = jobs.run_log(stream.job_id, stream.offset)
+                        if piece.data:
+                            stream.put(piece.data)
+                        stream.offset = piece.offset
+                        if piece.ended:
+                            stream.finish()
+                        if piece.ended or not piece.data or len(stream.pending) > MAX_PENDING_BYTES // 2:
+                            break
+                except NotFound:  # the job was deleted meanwhile: its log went with it
+                    stream.finish()
+                except Exception as e:  # noqa: BLE001 - an engine or database outage: read again later
+                    log.warning("a followed run log could not be read: %s", e.__class__.__name__)
+            db.session.remove()
+
     def _advance_watermark(self, ids: list[int]) -> None:
         for event_id in ids:
             if event_id <= self.watermark:
@@ -321,19 +383,39 @@ def job_events() -> Response:
     the_hub.check_capacity()
     if last_id is None:  # from the next event on, as of this request
         last_id = the_hub.newest_id()
-    # Under serve (trainingmgr.http_worker) an HTTP/1.1 connection (chunked: the framing the hub writes) is handed
-    # to the hub; an HTTP/1.0 one keeps its thread.
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    first = f"retry: {RETRY_MILLISECONDS}\n\n".encode()
+    return Response(_streamed(first, lambda sock: the_hub.open(stream_filter, last_id, sock)),
+                    mimetype="text/event-stream", headers=headers)
+
+
+def follow_log(job_id: int, first: bytes, offset: int) -> Response:
+    """`.../training-jobs/{id}/logs?follow=true` once `first` (the output up to `offset`) is read: the rest as the
+    run writes it, ending when the job has ended and its log is written out."""
+    the_hub = hub()
+    the_hub.check_capacity()
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(_streamed(first, lambda sock: the_hub.open_log(job_id, offset, sock)),
+                    mimetype="text/plain", headers=headers)
+
+
+def _streamed(first: bytes, open_stream: Callable[[socket.socket | None], Stream]) -> Iterator[bytes]:
+    """A streamed body: `first`, then what the hub writes to the stream `open_stream` opens.
+
+    Under serve (trainingmgr.http_worker) an HTTP/1.1 connection (chunked: the framing the hub writes) is handed
+    to the hub once `first` is out, on its own copy of the socket; an HTTP/1.0 one keeps its thread, which reads the
+    hub's frames from a queue. The stream opens once the body is read, not before: a response never read holds
+    none."""
     detachable = request.environ.get("trainingmgr.can_detach") and request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
     sock = request.environ.get("gunicorn.socket") if detachable else None
+    the_hub = hub()
 
     def body() -> Iterator[bytes]:
-        # The stream is opened once the body is read, not before (a response never read holds no stream), and
-        # once the head is out when the hub writes it, on its own copy of the connection.
-        yield f"retry: {RETRY_MILLISECONDS}\n\n".encode()
+        yield first
         if sock is not None:
-            the_hub.open(stream_filter, last_id, socket.socket(fileno=os.dup(sock.fileno())))
+            open_stream(socket.socket(fileno=os.dup(sock.fileno())))
             raise StreamDetached()
-        stream = the_hub.open(stream_filter, last_id)
+        stream = open_stream(None)
         try:
             while True:
                 data = stream.frames.get()
@@ -344,5 +426,4 @@ def job_events() -> Response:
             the_hub.forget(stream)
             raise
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return Response(body(), mimetype="text/event-stream", headers=headers)
+    return body()

@@ -10,6 +10,7 @@ from ..models import lifecycle as lc
 from ..services.pagination import page_request
 from ..services.training_jobs import DEFAULT_EXPERIMENT
 from .common import bounded_limit, json_body, load, next_link, services
+from .event_stream import follow_log
 
 bp = Blueprint("training_jobs", __name__)
 
@@ -27,7 +28,7 @@ class _ModelVersionConverter(BaseConverter):
     """The model version of the same route: any segment but the words of a job's own routes (`.../7/cancel`,
     `.../7/events`, `.../7/status`), which always name those routes."""
 
-    regex = r"(?!(?:status|events|cancel)$)[^/]+"
+    regex = r"(?!(?:status|events|cancel|logs)$)[^/]+"
     part_isolating = True
 
 
@@ -84,9 +85,9 @@ def delete_training_job(training_job_id: int):
 
 
 def _id_before_a_word(raw: str) -> int:
-    """The id of `.../training-jobs/<id>/status` (or `/events`, `/cancel`). A string, not <int:>: with <int:>,
+    """The id of `.../training-jobs/<id>/status` (or `/events`, `/cancel`, `/logs`). A string, not <int:>: with <int:>,
     "abc/status" fell through to the model-list route (model "abc", version "status") and answered 200 []. A last
-    segment "status", "events" or "cancel" is always these routes; the id must be an integer."""
+    segment "status", "events", "cancel" or "logs" is always these routes; the id must be an integer."""
     if not (raw.isascii() and raw.isdigit()):
         raise BadRequest(f"Invalid training job id {raw!r}: a positive integer")
     digits = raw.lstrip("0") or "0"
@@ -112,6 +113,26 @@ def list_training_job_events(training_job_id: str):
     page_req = _page()
     page = services().training_jobs().events(_id_before_a_word(training_job_id), page_req)
     return [dump_event(event) for event in page.items], 200, next_link(page, page_req.limit)
+
+
+@bp.get(f"{V1}/<training_job_id>/logs")
+def get_training_job_logs(training_job_id: str):
+    """The pipeline run's output as text (its last TM_RUN_LOG_MAX_BYTES, or from ?offset=); ?follow=true goes on
+    streaming it while the job runs. X-Log-Offset says where the next read starts."""
+    job_id = _id_before_a_word(training_job_id)
+    follow = request.args.get("follow", "false")
+    if follow not in ("true", "false"):
+        raise BadRequest(f"follow must be true or false, not {follow[:20]!r}")
+    raw_offset = request.args.get("offset")
+    if raw_offset is not None and not (raw_offset.isascii() and raw_offset.isdigit() and len(raw_offset) <= 18):
+        raise BadRequest(f"offset must be a byte offset (a non-negative integer), not {raw_offset[:40]!r}")
+    piece = services().training_jobs().run_log(job_id, int(raw_offset) if raw_offset is not None else None)
+    if follow == "true" and not piece.ended:
+        return follow_log(job_id, piece.data, piece.offset)
+    response = current_app.response_class(piece.data, mimetype="text/plain")
+    response.headers["X-Log-Offset"] = str(piece.offset)
+    response.headers["X-Log-Complete"] = "true" if piece.ended else "false"
+    return response
 
 
 @bp.get(f"{V1}/<modelname:model_name>/<modelversion:model_version>")

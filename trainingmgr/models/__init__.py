@@ -2,7 +2,7 @@
 from .base import Base
 from .feature_group import FeatureGroup
 from .pipeline import Experiment, Pipeline, PipelineVersion
-from .training_job import JobEvent, Model, TrainingJob
+from .training_job import JobEvent, JobLog, Model, TrainingJob
 from .work import WorkItem
 
-__all__ = ["Base", "Experiment", "FeatureGroup", "JobEvent", "Model", "Pipeline", "PipelineVersion", "TrainingJob", "WorkItem"]
+__all__ = ["Base", "Experiment", "FeatureGroup", "JobEvent", "JobLog", "Model", "Pipeline", "PipelineVersion", "TrainingJob", "WorkItem"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Optional
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from .base import NEVER_REUSED_IDS, Base, TimestampMixin, UtcDateTime
@@ -96,3 +96,15 @@ class JobEvent(Base):
     to_state: Mapped[str] = mapped_column(String(16), nullable=False)
     reason: Mapped[Optional[str]] = mapped_column(Text)
     attempt: Mapped[Optional[int]] = mapped_column(Integer)
+
+
+class JobLog(Base):
+    """The output of a job's pipeline run, kept when the run ends (its folder on the engine's side goes then): at
+    most TM_RUN_LOG_MAX_BYTES, the end of it when the run wrote more. Deleted with its job."""
+
+    __tablename__ = "job_logs"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger, nullable=False)  # bytes the run wrote in all
+    content: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)  # its last bytes: size - len(content) cut
+    kept_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)

@@ -20,6 +20,7 @@ from ..models.base import utcnow
 from ..models.lifecycle import JobStateMachine
 from ..models.work_queue import EXTRACT, STEP_KINDS, WATCH_RUN, WorkQueue
 from .pagination import Page, PageRequest, keyset_page
+from .run_logs import LogPiece, read_run_log, run_log_to_keep
 
 if TYPE_CHECKING:
     from ..adapters.base import DataExtractor, ObjectStore, PipelineEngine
@@ -224,6 +225,14 @@ class TrainingJobService:
         self.get(job_id)  # 404 for a job that does not exist
         return keyset_page(self.session, select(JobEvent).where(JobEvent.job_id == job_id), JobEvent.seq, page)
 
+    def run_log(self, job_id: int, offset: int | None = None) -> LogPiece:
+        """The job's pipeline run output from byte `offset` (None: its last TM_RUN_LOG_MAX_BYTES)."""
+        job = self.get(job_id)
+        try:
+            return read_run_log(self.session, self.adapters.engine, job, offset, self.settings.run_log_max_bytes)
+        except AdapterError as e:
+            raise BadGateway(f"The pipeline engine cannot be reached for the run's output: {e}") from None
+
     def nth_training(self, modelname: str, number: int) -> TrainingJob:
         """The older `/trainingjobs/{name}/{version}`: the number-th training of the model name, from 1."""
         if number < 1:
@@ -296,6 +305,10 @@ class TrainingJobService:
             except AdapterError as e:  # a run that never started, or one that ended meanwhile
                 log.warning("the cancelled job's run could not be terminated",
                             extra={"trainingjob_id": job_id, "run_id": run_id, "error": str(e)[:300]})
+            kept_log = run_log_to_keep(self.adapters.engine, job, self.settings.run_log_max_bytes)
+            if kept_log is not None:
+                self.session.merge(kept_log)
+                self.session.commit()
         remove_job_files(self.adapters, run_id, path)  # as when a job fails
         return job
 

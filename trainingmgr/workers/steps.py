@@ -20,6 +20,7 @@ from ..adapters.object_store import model_key
 from ..models import PipelineVersion, TrainingJob
 from ..models import lifecycle as lc
 from ..models.lifecycle import JobStateMachine
+from ..services.run_logs import run_log_to_keep
 from ..services.training_jobs import featurepath, remove_job_files
 from ..models.work_queue import EXTRACT, NOTIFY, START_RUN, WATCH_RUN, Claim, WorkQueue, utcnow
 
@@ -102,7 +103,10 @@ class StepExecutor:
 
     def _fail(self, claim: Claim, job: TrainingJob, reason: str) -> None:
         reason = self._redacted(job, reason)
+        kept_log = run_log_to_keep(self.container.engine, job, self.settings.run_log_max_bytes)
         failed = self.state_machine.fail(job, reason, attempt=claim.attempts)
+        if failed and kept_log is not None:
+            self.session.merge(kept_log)
         self.queue.finish(claim)
         self.session.commit()
         if failed:
@@ -349,8 +353,11 @@ class StepExecutor:
                 return self._fail(claim, job, f"the pipeline run left no model at {modelname}/{key}")
         except AdapterError as e:
             return self._retry_or_fail(claim, job, e, "the trained model could not be stored")
+        kept_log = run_log_to_keep(engine, job, self.settings.run_log_max_bytes)
         job.metrics = status.metrics or job.metrics
         job.model_url = self.container.model_url(modelname, modelversion, artifact)
+        if kept_log is not None:
+            self.session.merge(kept_log)
         self.state_machine.move(job, (lc.TRAINING_AND_TRAINED_MODEL, lc.FINISHED), (lc.TRAINED_MODEL, lc.FINISHED))
         self.queue.finish(claim)
         self.session.commit()
