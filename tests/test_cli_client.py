@@ -49,7 +49,8 @@ def ready(service):
     assert made.exit_code == 0, made.output
     for name, file in (("qoe_training", TRAINING_YAML), ("qoe_retraining", RETRAINING_YAML)):
         uploaded = run(service, "pipelines", "upload", name, str(file), "--description", "example")
-        assert uploaded.exit_code == 0 and "version" in uploaded.output, uploaded.output
+        assert uploaded.exit_code == 0 and f"pipeline {name}: version 1 ({name}) uploaded" in uploaded.output, \
+            uploaded.output
     return service
 
 
@@ -72,7 +73,9 @@ def test_create_wait_list_show_and_download_a_job(ready, tmp_path):
 
     shown = run(ready, "jobs", "show", str(job_id))
     assert shown.exit_code == 0
-    assert re.search(r"^TRAINING_AND_TRAINED_MODEL +FINISHED +[0-9:.]+ +[0-9:.]+ +[0-9.]+$", shown.stdout, re.M)
+    moment = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}"  # with its date: a job may run past midnight
+    assert re.search(rf"^TRAINING_AND_TRAINED_MODEL +FINISHED +{moment} +{moment} +[0-9.]+$", shown.stdout, re.M)
+    assert re.search(rf"^{moment} +job NOT_STARTED", shown.stdout, re.M)
     assert "DATA_EXTRACTION NOT_STARTED -> IN_PROGRESS" in shown.stdout and "job NOT_STARTED" in shown.stdout
 
     target = tmp_path / "model.zip"
@@ -97,6 +100,7 @@ def test_a_failed_job_is_exit_1_and_a_cancelled_one_too(ready, tmp_path):
     assert timed_out.exit_code == 5 and "did not end within 1 s" in timed_out.output
     cancelled = run(ready, "jobs", "cancel", slow_id)
     assert cancelled.exit_code == 0 and f"job {slow_id} CANCELLED" in cancelled.stdout
+    assert "reason: cancelled on request" in run(ready, "jobs", "show", slow_id).stdout
     assert run(ready, "jobs", "wait", slow_id).exit_code == 1
     again = run(ready, "jobs", "cancel", slow_id)
     assert again.exit_code == 3 and "409" in again.output and "ended already" in again.output
@@ -138,6 +142,9 @@ def test_feature_groups_and_pipelines(ready):
     assert temporary.exit_code == 0, temporary.output
     assert run(ready, "featuregroups", "delete", "short_lived").exit_code == 0
     assert run(ready, "featuregroups", "show", "short_lived").exit_code == 3
+    # A name is one path segment: "cell_kpis?x" is refused as a name (unescaped it would have read cell_kpis).
+    odd = run(ready, "featuregroups", "show", "cell_kpis?x")
+    assert odd.exit_code == 3 and "'cell_kpis?x'" in odd.output
 
 
 def test_exit_codes_for_refusals_and_unreachable_services(ready, tmp_path):

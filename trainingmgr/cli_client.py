@@ -133,21 +133,29 @@ def jobs_show(client: TrainingManagerClient, job_id: int, as_json: bool) -> None
         return _json(job)
     row = _job_row(job)
     click.echo(f"job {job_id}: {row['status']}  model {row['model']} {row['version']} artifact {row['artifact']}")
-    if job.get("failure_reason"):
-        click.echo(f"reason: {job['failure_reason']}")
+    history = client.events(job_id)
+    reason = job.get("failure_reason") or (history[-1]["reason"] if job["status"] == "CANCELLED" and history
+                                           else None)
+    if reason:
+        click.echo(f"reason: {reason}")
     if job.get("model_url"):
         click.echo(f"model: {job['model_url']}")
     click.echo("")
-    click.echo(table(({"step": s["name"], "state": s["state"], "started": (s["started_at"] or "")[11:23],
-                       "ended": (s["finished_at"] or "")[11:23],
+    click.echo(table(({"step": s["name"], "state": s["state"], "started": _moment(s["started_at"]),
+                       "ended": _moment(s["finished_at"]),
                        "seconds": "" if s["duration_seconds"] is None else f"{s['duration_seconds']:.3f}"}
                       for s in job["steps"]),
                      [("STEP", "step"), ("STATE", "state"), ("STARTED", "started"), ("ENDED", "ended"),
                       ("SECONDS", "seconds")]))
     click.echo("")
-    click.echo(table(({"time": e["time"][11:23], "change": _change(e), "reason": (e["reason"] or "")[:80]}
-                      for e in client.events(job_id)),
+    click.echo(table(({"time": _moment(e["time"]), "change": _change(e), "reason": (e["reason"] or "")[:80]}
+                      for e in history),
                      [("TIME", "time"), ("CHANGE", "change"), ("REASON", "reason")]))
+
+
+def _moment(stamp: str | None) -> str:
+    """An API time (ISO 8601, UTC) as `YYYY-MM-DD HH:MM:SS.mmm` (UTC)."""
+    return (stamp or "")[:23].replace("T", " ")
 
 
 def _change(event: dict[str, Any]) -> str:
@@ -328,4 +336,5 @@ def pipelines_versions(client: TrainingManagerClient, name: str) -> None:
 def pipelines_upload(client: TrainingManagerClient, name: str, file: Path, description: str) -> None:
     """Upload a compiled pipeline (YAML) as a new version of NAME."""
     answer = client.upload_pipeline(name, file, description)
-    click.echo(f"pipeline {name}: version {answer.get('version', '?')} uploaded")
+    named = f" ({answer['version_name']})" if answer.get("version_name") else ""
+    click.echo(f"pipeline {name}: version {answer.get('version', '?')}{named} uploaded")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from urllib.parse import quote
 from typing import Any, Callable, Iterator
 
 import requests
@@ -144,7 +145,8 @@ class TrainingManagerClient:
                        progress: Callable[[int, int | None], None] = lambda done, total: None) -> int:
         """Stream the job's Model.zip into `target` (written whole or not at all); its size."""
         model = job["modelId"]
-        path = f"/model/{model['modelname']}/{model['modelversion']}/{model['artifactversion']}/Model.zip"
+        path = (f"/model/{_segment(model['modelname'])}/{_segment(model['modelversion'])}/"
+                f"{_segment(model['artifactversion'])}/Model.zip")
         response = self.call("GET", path, stream=True)
         total = int(response.headers["Content-Length"]) if response.headers.get("Content-Length") else None
         partial = target.with_name(target.name + ".part")
@@ -166,7 +168,7 @@ class TrainingManagerClient:
         return list(self.pages(f"{FEATURE_GROUPS}?limit={min(limit or 1000, 1000)}", limit, key="featuregroups"))
 
     def feature_group(self, name: str) -> dict[str, Any]:
-        return self.get(f"{FEATURE_GROUPS}/{name}")["featuregroup"]
+        return self.get(f"{FEATURE_GROUPS}/{_segment(name)}")["featuregroup"]
 
     def create_feature_group(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.call("POST", FEATURE_GROUPS, (201,), json=body).json()
@@ -179,12 +181,17 @@ class TrainingManagerClient:
         return self.get("/pipelines").get("pipelines", [])
 
     def pipeline_versions(self, name: str) -> list[str]:
-        return self.get(f"/pipelines/{name}/versions")
+        return self.get(f"/pipelines/{_segment(name)}/versions")
 
     def upload_pipeline(self, name: str, file: Path, description: str = "") -> dict[str, Any]:
         with file.open("rb") as f:
-            return self.call("POST", f"/pipelines/{name}/upload", files={"file": (file.name, f)},
+            return self.call("POST", f"/pipelines/{_segment(name)}/upload", files={"file": (file.name, f)},
                              data={"description": description}).json()
+
+
+def _segment(name: str) -> str:
+    """A name as one URL path segment: `/`, `?`, `#`, `%` and spaces would change which route it reaches."""
+    return quote(str(name), safe="")
 
 
 def _detail(response: requests.Response) -> str:
