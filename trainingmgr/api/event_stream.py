@@ -323,6 +323,7 @@ class EventHub:
                     stream.finish()
                 except Exception as e:  # noqa: BLE001 - an engine or database outage: read again later
                     log.warning("a followed run log could not be read: %s", e.__class__.__name__)
+                    db.session.rollback()  # the next stream's reads start on a clean session
             db.session.remove()
 
     def _advance_watermark(self, ids: list[int]) -> None:
