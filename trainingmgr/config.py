@@ -264,7 +264,16 @@ class Settings:
     )
     worker_threads: int = field(default=4, metadata={"env": "TM_WORKER_THREADS", "doc": "threads per worker"})
     worker_poll_seconds: float = field(
-        default=0.5, metadata={"env": "TM_WORKER_POLL_SECONDS", "doc": "how often an idle worker looks for work"}
+        default=0.5,
+        metadata={"env": "TM_WORKER_POLL_SECONDS",
+                  "doc": "on SQLite, how often idle workers look for work queued by other processes (a read, no "
+                  "write lock)"},
+    )
+    worker_idle_poll_seconds: float = field(
+        default=30.0,
+        metadata={"env": "TM_WORKER_IDLE_POLL_SECONDS",
+                  "doc": "on PostgreSQL, where LISTEN/NOTIFY wakes idle workers, how long they wait at most before "
+                  "they look anyway"},
     )
     lease_seconds: int = field(
         default=60, metadata={"env": "TM_LEASE_SECONDS", "doc": "a claimed step returns to the queue after this long"}
@@ -399,6 +408,8 @@ class Settings:
             raise SettingsError("TM_PIPELINE_ENGINE=kfp needs TM_OBJECT_STORE=s3 and TM_DATA_EXTRACTION=remote")
         if self.source_unreachable_timeout < 0:
             raise SettingsError("TM_SOURCE_UNREACHABLE_TIMEOUT must not be negative")
+        if self.worker_poll_seconds <= 0 or self.worker_idle_poll_seconds < 1:
+            raise SettingsError("TM_WORKER_POLL_SECONDS must be positive and TM_WORKER_IDLE_POLL_SECONDS at least 1")
         if self.max_event_streams < 1:
             raise SettingsError("TM_MAX_EVENT_STREAMS must be at least 1")
         if not 4096 <= self.run_log_max_bytes <= 64 * 1024 * 1024:

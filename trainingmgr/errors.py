@@ -121,22 +121,22 @@ def database_unavailable(error: BaseException) -> bool:
     """True when `error` says the database cannot be reached, not that a statement failed: SQLAlchemy's pool
     timeout, a connection SQLAlchemy invalidated, and the driver's connection-level errors (psycopg2's
     OperationalError/InterfaceError without a SQLSTATE, as for a refused or lost connection, or with one of the
-    SQLSTATEs above). SQLite's errors (a locked or missing file) are not outages: they stay what they are."""
+    SQLSTATEs above), wrapped by SQLAlchemy or raw. SQLite's errors (a locked or missing file) are not outages: they stay what they are."""
     from sqlalchemy import exc
 
     if isinstance(error, exc.TimeoutError):
         return True
-    if not isinstance(error, exc.DBAPIError):
-        return False
-    if error.connection_invalidated:
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
         return True
     try:
         import psycopg2
     except ImportError:  # pragma: no cover - installed with the service
         return False
-    if not isinstance(error.orig, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+    # The driver's own error, as SQLAlchemy wrapped it, or as a raw connection (the work listener's) raised it.
+    driver_error = error.orig if isinstance(error, exc.DBAPIError) else error
+    if not isinstance(driver_error, (psycopg2.OperationalError, psycopg2.InterfaceError)):
         return False
-    code = getattr(error.orig, "pgcode", None)
+    code = getattr(driver_error, "pgcode", None)
     return code is None or code.startswith(_UNAVAILABLE_SQLSTATES)
 
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, exists, or_, select, update
+from sqlalchemy import case, delete, exists, func, or_, select, text, type_coerce, update
 from sqlalchemy.orm import Session, aliased
 
-from .base import utcnow
+from .base import UtcDateTime, utcnow
 from .work import WorkItem
 
 EXTRACT = "extract"
@@ -24,6 +24,7 @@ WATCH_RUN = "watch_run"
 NOTIFY = "notify"
 KINDS = (EXTRACT, START_RUN, WATCH_RUN, NOTIFY)
 STEP_KINDS = (EXTRACT, START_RUN, WATCH_RUN)  # the work that moves a job; NOTIFY only tells its rApp
+WORK_CHANNEL = "trainingmgr_work"  # PostgreSQL's LISTEN/NOTIFY channel: new or hurried work
 
 
 @dataclass(frozen=True)
@@ -65,18 +66,37 @@ class WorkQueue:
             attempts=0,
         )
         self.session.add(item)
+        self._announce()
         return item
 
-    def claim(self, owner: str, lease_seconds: float, kinds: tuple[str, ...] = KINDS) -> Claim | None:
-        """The next due item of one of `kinds` that no live lease holds. A job's notifications go out in order:
-        only its oldest pending one can be claimed (a later one waits while an earlier one is held or retried)."""
-        now = utcnow()
-        conditions = [WorkItem.due_at <= now, WorkItem.kind.in_(kinds),
-                      or_(WorkItem.lease_until.is_(None), WorkItem.lease_until < now)]
+    def _announce(self) -> None:
+        """On PostgreSQL, tell the workers of every process that there is work (LISTEN/NOTIFY): delivered when the
+        caller's transaction commits, and not at all if it rolls back. SQLite has no such channel: a process's
+        own workers are woken in process (Container.wake_workers), the others find it at their next look."""
+        if self.session.get_bind().dialect.name == "postgresql":
+            self.session.execute(text(f"NOTIFY {WORK_CHANNEL}"))
+
+    def _of_kinds(self, kinds: tuple[str, ...]) -> list[Any]:
+        """Items of `kinds`, in turn: a job's notifications go out in order, so only its oldest pending one counts
+        (a later one waits while an earlier one is held or retried)."""
+        conditions = [WorkItem.kind.in_(kinds)]
         if NOTIFY in kinds:
             earlier = aliased(WorkItem)
             conditions.append(or_(WorkItem.kind != NOTIFY, ~exists().where(
                 earlier.job_id == WorkItem.job_id, earlier.kind == NOTIFY, earlier.id < WorkItem.id)))
+        return conditions
+
+    def next_due(self, kinds: tuple[str, ...] = KINDS) -> datetime | None:
+        """When the next item of `kinds` may be claimed: its due time, or the end of the lease that holds it;
+        None when there is none. A read: it takes no write lock, so idle workers may ask it often."""
+        moment = case((WorkItem.lease_until > WorkItem.due_at, WorkItem.lease_until), else_=WorkItem.due_at)
+        return self.session.scalar(select(type_coerce(func.min(moment), UtcDateTime)).where(*self._of_kinds(kinds)))
+
+    def claim(self, owner: str, lease_seconds: float, kinds: tuple[str, ...] = KINDS) -> Claim | None:
+        """The next due item of one of `kinds` that no live lease holds (in turn: see _of_kinds)."""
+        now = utcnow()
+        conditions = [WorkItem.due_at <= now, or_(WorkItem.lease_until.is_(None), WorkItem.lease_until < now),
+                      *self._of_kinds(kinds)]
         candidate = (
             select(WorkItem.id)
             .where(*conditions)
@@ -153,3 +173,4 @@ class WorkQueue:
             .values(due_at=utcnow())
             .execution_options(synchronize_session=False)
         )
+        self._announce()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select as io_select  # sqlalchemy's select is the other one here
 import socket
 import threading
 import time
@@ -26,7 +27,8 @@ from ..extensions import db
 from ..models import TrainingJob, WorkItem
 from ..models import lifecycle as lc
 from ..models.lifecycle import JobStateMachine
-from ..models.work_queue import NOTIFY, STEP_KINDS, WATCH_RUN, LeaseLost, WorkQueue
+from ..models.base import utcnow
+from ..models.work_queue import NOTIFY, STEP_KINDS, WATCH_RUN, WORK_CHANNEL, LeaseLost, WorkQueue
 from .steps import StepExecutor, job_id_of_run
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,37 @@ class DatabaseOutage:
                 self.since = None
 
 
+class Pool:
+    """Threads that claim the same kinds of work, and how they wait for it when there is none.
+
+    One idle thread keeps watch: it peeks (a read) when the next item is due and sleeps until then, or until the
+    pool is rung (work was queued or hurried: in this process, or on PostgreSQL by NOTIFY from any process), or at
+    most the idle poll. The other idle threads wait to be rung. A ring wakes one of them to claim, and the watcher
+    to peek again; a thread that claims an item rings, so that the next one looks too. Idle, a pool sends one read
+    per idle poll to the database, and no write."""
+
+    def __init__(self, kinds: tuple[str, ...]):
+        self.kinds = kinds
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)  # idle threads but the watcher wait here
+        self.watch = threading.Condition(self.lock)  # the watcher sleeps here
+        self.rings = 0
+        self.watching = False
+
+    def ring(self) -> None:
+        with self.lock:
+            self.rings += 1
+            self.idle.notify()
+            self.watch.notify()
+
+    def wake_all(self) -> None:
+        """The worker stops: every waiting thread returns."""
+        with self.lock:
+            self.rings += 1
+            self.idle.notify_all()
+            self.watch.notify_all()
+
+
 class Worker:
     def __init__(self, app: Flask, *, threads: int | None = None, notify_threads: int | None = None,
                  name: str | None = None):
@@ -85,10 +118,13 @@ class Worker:
         self.threads = threads or settings.worker_threads
         self.notify_threads = notify_threads or settings.notify_threads
         self.poll = settings.worker_poll_seconds
+        # PostgreSQL rings the pools of every process (LISTEN/NOTIFY): a look is only a safety net there. SQLite has
+        # no channel between processes: idle threads peek every poll (a read, no write lock).
+        self.idle_poll = settings.worker_idle_poll_seconds if not settings.is_sqlite else self.poll
+        self.pools = (Pool(STEP_KINDS), Pool(NOTIFY_KINDS))
         self.lease = settings.lease_seconds
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
-        self._wake = threading.Event()
         self._held: dict[str, int] = {}  # owner -> work item id held right now
         self._held_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -101,15 +137,20 @@ class Worker:
             getattr(self.container, adapter)
         self.container.engine.listen_for_run_ends(self.run_ended)
         self.recover()
-        loops = [(f"{self.name}:{i}", f"tm-worker-{i}", STEP_KINDS) for i in range(self.threads)]
-        loops += [(f"{self.name}:n{i}", f"tm-notify-{i}", NOTIFY_KINDS) for i in range(self.notify_threads)]
-        for owner, thread_name, kinds in loops:
-            t = threading.Thread(target=self._loop, args=(owner, kinds), name=thread_name, daemon=True)
+        steps, notify = self.pools
+        loops = [(f"{self.name}:{i}", f"tm-worker-{i}", steps) for i in range(self.threads)]
+        loops += [(f"{self.name}:n{i}", f"tm-notify-{i}", notify) for i in range(self.notify_threads)]
+        for owner, thread_name, pool in loops:
+            t = threading.Thread(target=self._loop, args=(owner, pool), name=thread_name, daemon=True)
             t.start()
             self._threads.append(t)
-        hb = threading.Thread(target=self._heartbeat, name="tm-worker-heartbeat", daemon=True)
-        hb.start()
-        self._threads.append(hb)
+        helpers = [(self._heartbeat, "tm-worker-heartbeat")]
+        if not self.container.settings.is_sqlite:
+            helpers.append((self._listen, "tm-worker-listen"))
+        for target, thread_name in helpers:
+            t = threading.Thread(target=target, name=thread_name, daemon=True)
+            t.start()
+            self._threads.append(t)
         log.info("worker started", extra={"worker": self.name, "threads": self.threads,
                                           "notify_threads": self.notify_threads})
         return self
@@ -117,13 +158,16 @@ class Worker:
     def stop(self, timeout: float = 10.0) -> None:
         self.container.engine.listen_for_run_ends(None)
         self._stop.set()
-        self._wake.set()
+        for pool in self.pools:
+            pool.wake_all()
         for t in self._threads:
             t.join(timeout)
         self._threads.clear()
 
     def wake(self) -> None:
-        self._wake.set()
+        """Work was queued or hurried: the idle threads look now."""
+        for pool in self.pools:
+            pool.ring()
 
     def run_ended(self, run_id: str) -> None:
         """The engine saw a run end: its watch step is due now, not at its next look (called from the engine)."""
@@ -169,17 +213,19 @@ class Worker:
                 db.session.remove()
 
     # ------------------------------------------------------------------------------------ loops
-    def _loop(self, owner: str, kinds: tuple[str, ...] = STEP_KINDS) -> None:
+    def _loop(self, owner: str, pool: Pool) -> None:
         outage_delay = 0.0  # this thread's backoff while the database is away (0: it answers)
+        claim_now = True  # at start, when rung and when an item is due: claim; else wait in _idle
         while not self._stop.is_set():
-            worked = False
             with self.app.app_context():
                 try:
-                    worked = self._one(owner, kinds)
+                    worked = claim_now and self._one(owner, pool)
+                    claim_now = worked or self._idle(pool, claimed_nothing=claim_now)
                     outage_delay = 0.0
                     self.outage.succeeded()
                 except Exception as e:  # one bad item must not kill the thread; it comes back when its lease ends
                     _rollback_quietly()
+                    claim_now = True
                     if database_unavailable(e):
                         outage_delay = next_outage_delay(outage_delay)
                         self.outage.failed(e, outage_delay)
@@ -189,17 +235,52 @@ class Worker:
                 finally:
                     _remove_quietly()
             if outage_delay:
-                # New work queued by this process (wake) means the database answered it: look again at once.
-                self._wake.wait(outage_delay)
-                self._wake.clear()
-            elif not worked:
-                self._wake.wait(self.poll)
-                self._wake.clear()
+                # New work queued by this process (a ring) means the database answered it: look again at once.
+                with pool.lock:
+                    seen = pool.rings
+                    pool.idle.wait_for(lambda: pool.rings != seen or self._stop.is_set(), outage_delay)
 
-    def _one(self, owner: str, kinds: tuple[str, ...] = STEP_KINDS) -> bool:
-        claim = WorkQueue(db.session).claim(owner, self.lease, kinds)
+    def _idle(self, pool: Pool, *, claimed_nothing: bool) -> bool:
+        """Wait while the pool has no work; True when this thread should claim. One thread keeps watch (peeks when
+        the next item is due, sleeps until then or a ring); the others wait for a ring, or to take the watch."""
+        with pool.lock:
+            seen = pool.rings
+            if pool.watching:
+                pool.idle.wait_for(lambda: pool.rings != seen or self._stop.is_set() or not pool.watching)
+                return pool.rings != seen
+            pool.watching = True
+        try:
+            # Right after an empty claim, an item the peek calls due is one that cannot be taken yet (held in a
+            # transaction elsewhere, or a notification behind an earlier one): wait a poll before claiming again.
+            blocked = claimed_nothing
+            while not self._stop.is_set():
+                due_in = self._due_in(pool)
+                if due_in is not None and due_in <= 0 and not blocked:
+                    return True
+                wait = self.idle_poll if due_in is None else min(self.idle_poll, max(due_in, self.poll))
+                with pool.lock:
+                    seen = pool.rings
+                    rung = pool.watch.wait_for(lambda: pool.rings != seen or self._stop.is_set(), wait)
+                if not rung and due_in is not None and due_in <= wait:
+                    return True  # its time came
+                blocked = False  # rung, or the idle poll passed: peek again
+            return False
+        finally:
+            with pool.lock:
+                pool.watching = False
+                pool.idle.notify()  # another idle thread takes the watch
+
+    def _due_in(self, pool: Pool) -> float | None:
+        """Seconds until the pool's next item may be claimed (0 or less: now); None when there is none."""
+        moment = WorkQueue(db.session).next_due(pool.kinds)
+        db.session.rollback()  # end the read's transaction: nothing held while waiting
+        return None if moment is None else (moment - utcnow()).total_seconds()
+
+    def _one(self, owner: str, pool: Pool) -> bool:
+        claim = WorkQueue(db.session).claim(owner, self.lease, pool.kinds)
         if claim is None:
             return False
+        pool.ring()  # there may be more: the next idle thread looks too
         with self._held_lock:
             self._held[owner] = claim.id
         started = time.perf_counter()
@@ -218,7 +299,47 @@ class Worker:
         finally:
             with self._held_lock:
                 self._held.pop(owner, None)
+            # The step queued the job's next work (a notification too), perhaps due later: the watchers peek again.
+            self.wake()
         return True
+
+    def _listen(self) -> None:
+        """PostgreSQL: ring the pools when any process queues or hurries work (NOTIFY in its transaction). While
+        the database is away the listener reconnects with backoff; the pools' looks cover what it missed."""
+        delay = 0.0
+        while not self._stop.is_set():
+            dbapi = None
+            try:
+                with self.app.app_context():
+                    pooled = db.engine.raw_connection()
+                dbapi = pooled.driver_connection
+                pooled.detach()  # a connection of its own, out of the pool: LISTEN lasts as long as it does
+                dbapi.autocommit = True
+                with dbapi.cursor() as cursor:
+                    cursor.execute(f"LISTEN {WORK_CHANNEL}")
+                delay = 0.0
+                self.wake()  # work queued while nobody listened
+                while not self._stop.is_set():
+                    if io_select.select([dbapi], [], [], 1.0)[0]:
+                        dbapi.poll()
+                        if dbapi.notifies:
+                            dbapi.notifies.clear()
+                            self.wake()
+            except Exception as e:  # noqa: BLE001 - the database went away: listen again once it is back
+                delay = next_outage_delay(delay)
+                if database_unavailable(e):
+                    # Idle workers do not ask the database: the listener's connection is the first to know.
+                    self.outage.failed(e, delay)
+                else:
+                    log.warning("work listener failed, listening again in %s s: %s", f"{delay:g}",
+                                describe_database_error(e))
+                self._stop.wait(delay)
+            finally:
+                if dbapi is not None:
+                    try:
+                        dbapi.close()  # directly: the pool would try to reset a connection it no longer has
+                    except Exception:  # noqa: BLE001 - closing a broken connection says nothing new
+                        pass
 
     def _heartbeat(self) -> None:
         # Keep the leases of long steps (a big extraction) alive while this process is.
