@@ -11,6 +11,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["trainingmgr", "trainingmgr.*"]),
+    # The web console's templates, script, styles and vendored chart library.
+    package_data={"trainingmgr": ["templates/console/*.html", "static/console/*.js", "static/console/*.css",
+                                  "static/console/vendor/*"]},
     install_requires=[
         "alembic>=1.13,<2",
         "click>=8.1,<9",

@@ -66,6 +66,18 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/trainingjobs/<trainingjob_name>/<version>"): READER,
     ("GET", "/model/<modelname>/<modelversion>/<artifactversion>/Model.zip"): READER,
     ("GET", "/ai-ml-model-training/v1/events"): READER,
+    # The web console: pages need a reader; logging in and out, its scripts and styles, and / are open.
+    ("GET", "/"): OPEN,
+    ("GET", "/console"): READER,
+    ("GET", "/console/jobs"): READER,
+    ("GET", "/console/jobs/<int:job_id>"): READER,
+    ("GET", "/console/featuregroups"): READER,
+    ("GET", "/console/featuregroups/<featuregroup_name>"): READER,
+    ("GET", "/console/pipelines"): READER,
+    ("GET", "/console/login"): OPEN,
+    ("POST", "/console/login"): OPEN,
+    ("POST", "/console/logout"): OPEN,
+    ("GET", "/console/static/<path:filename>"): OPEN,
 }
 RANK = {None: -1, READER: 0, WRITER: 1, "admin": 2}
 CALLERS = (None, "bogus", READER, WRITER, "admin")  # None: no Authorization header at all
@@ -99,8 +111,15 @@ def token_app(build_app, tmp_path: Path, tokens):
     return make
 
 
+def console_page(rule: str) -> bool:
+    """A page of the web console: it answers refusals as pages (a redirect to its login, a 403 page)."""
+    return rule.startswith("/console") and not rule.startswith(("/console/static/", "/console/log"))
+
+
 def call(client, method: str, path: str, token: str | None, **kwargs):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if path.startswith("/console"):
+        headers["Origin"] = "http://localhost"  # as a browser sends it from the console's own pages
     if method in ("POST", "PUT", "DELETE") and "data" not in kwargs:
         kwargs["json"] = {}
     return client.open(path, method=method, headers=headers, **kwargs)
@@ -123,6 +142,12 @@ def check_route(client, method: str, rule: str, needed: str, tokens: dict[str, s
         if needed == OPEN or RANK.get(caller, -1) >= RANK[needed]:
             if answer.status_code in (401, 403):
                 wrong.append(f"{where}, expected to pass the access check ({answer.get_json()})")
+        elif console_page(rule):
+            refused = 303 if caller in (None, "bogus") else 403
+            if answer.status_code != refused or answer.mimetype != "text/html":
+                wrong.append(f"{where} {answer.mimetype}, expected {refused} text/html")
+            elif refused == 303 and not answer.headers["Location"].startswith("/console/login?next="):
+                wrong.append(f"{where}: redirected to {answer.headers['Location']}, not to the login page")
         elif caller in (None, "bogus"):
             challenge = answer.headers.get("WWW-Authenticate", "")
             if answer.status_code != 401 or not challenge.startswith('Bearer realm="trainingmgr"'):
@@ -131,10 +156,11 @@ def check_route(client, method: str, rule: str, needed: str, tokens: dict[str, s
                 wrong.append(f"{where} {challenge!r}: invalid_token only when a credential came")
         elif answer.status_code != 403:
             wrong.append(f"{where}, expected 403")
-        if answer.status_code in (401, 403):
+        if answer.status_code in (401, 403) and not console_page(rule):
             body = answer.get_json()
             if answer.mimetype != "application/problem+json" or body["status"] != answer.status_code:
                 wrong.append(f"{where}: not ProblemDetails ({answer.mimetype}, {body})")
+        if answer.status_code in (401, 403) or rule.startswith("/console"):  # (not an event stream: it never ends)
             if any(token in answer.get_data(as_text=True) for token in tokens.values()):
                 wrong.append(f"{where}: the answer quotes a token")
     return wrong
@@ -331,6 +357,156 @@ def test_serve_refuses_to_start_without_its_token_file(tmp_path: Path):
                           timeout=120, stdin=subprocess.DEVNULL)
     assert done.returncode != 0
     assert "token file" in done.stderr and "add-token" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------- console login
+CONSOLE_ORIGIN = {"Origin": "http://localhost"}  # the test client's own origin, as the console's pages send it
+COOKIE = "tm_console_token"
+
+
+def console_login(client, token: str, headers: dict[str, str] | None = None, **form: str):
+    return client.post("/console/login", data={"token": token, **form},
+                       headers=CONSOLE_ORIGIN if headers is None else headers)
+
+
+def test_the_console_login_keeps_the_token_in_a_strict_http_only_cookie(token_app, tokens):
+    client = token_app().test_client()
+    page = client.get("/console/jobs")
+    assert page.status_code == 303 and page.headers["Location"] == "/console/login?next=/console/jobs"
+    assert client.get("/console/login").status_code == 200
+
+    answer = console_login(client, tokens[READER], next="/console/pipelines")
+    assert answer.status_code == 303 and answer.headers["Location"] == "/console/pipelines"
+    cookie = answer.headers["Set-Cookie"]
+    assert cookie.startswith(f"{COOKIE}={tokens[READER]};")
+    assert "; HttpOnly" in cookie and "; SameSite=Strict" in cookie and "; Path=/" in cookie
+    assert "Secure" not in cookie, "plain http: a Secure cookie would never come back"
+    assert tokens[READER] not in answer.get_data(as_text=True)
+    assert client.get("/console/jobs").status_code == 200, "pages read the cookie"
+    assert client.get("/pipelines").status_code == 200, "so do the API's reads the pages make"
+
+    logout = client.post("/console/logout", headers=CONSOLE_ORIGIN)
+    assert logout.status_code == 303 and logout.headers["Location"] == "/console/login"
+    assert logout.headers["Set-Cookie"].startswith(f"{COOKIE}=;") and "Max-Age=0" in logout.headers["Set-Cookie"]
+    assert client.get("/console/jobs").status_code == 303
+
+
+def test_over_https_the_cookie_is_secure_and_next_never_leaves_the_console(token_app, tokens):
+    client = token_app().test_client()
+    answer = client.post("/console/login", base_url="https://tm.example", headers={"Origin": "https://tm.example"},
+                         data={"token": f"Bearer {tokens[READER]}", "next": "//evil.example/console"})
+    assert answer.status_code == 303 and answer.headers["Location"] == "/console", "no redirect elsewhere"
+    assert "; Secure" in answer.headers["Set-Cookie"]
+
+
+@pytest.mark.parametrize("token,status,says", [
+    ("", 400, "Paste a token"),
+    ("tm_" + "x" * 43, 401, "not valid"),
+    ("tm_abc;def", 400, "not a bearer token"),
+    ("a" * 5000, 400, "longer than"),
+])
+def test_a_login_with_a_bad_token_is_refused_and_the_token_never_echoed(token_app, token, status, says):
+    client = token_app().test_client()
+    answer = console_login(client, token)
+    assert answer.status_code == status and answer.mimetype == "text/html"
+    page = answer.get_data(as_text=True)
+    assert says in page and (not token or token not in page)
+    assert "Set-Cookie" not in answer.headers
+
+
+def test_a_token_without_a_role_cannot_log_in(token_app, tmp_path: Path):
+    roleless = add_token(tmp_path / "api-tokens", "nobody", "tm-nobody", RoleMap("tm-nobody=reader"))
+    answer = console_login(token_app().test_client(), roleless)
+    assert answer.status_code == 401, "its role name maps to nothing here"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Origin": "http://evil.example"}, {"Origin": "null"},
+                                     {"Referer": "http://evil.example/console"},
+                                     {"Origin": "http://evil.example", "Referer": "http://localhost/console/login"}])
+def test_logging_in_or_out_from_another_site_is_refused(token_app, tokens, headers):
+    client = token_app().test_client()
+    answer = console_login(client, tokens[READER], headers)
+    assert answer.status_code == 403 and "Set-Cookie" not in answer.headers
+    assert client.post("/console/logout", headers=headers).status_code == 403
+
+
+def test_behind_a_proxy_the_advertised_url_names_the_console_origin(token_app, tokens):
+    """A proxy that ends TLS and rewrites Host: the browser's Origin is the address users open, TM_ADVERTISED_URL."""
+    client = token_app(advertised_url="https://tm.example.org").test_client()
+    answer = console_login(client, tokens[WRITER], {"Origin": "https://tm.example.org"})
+    assert answer.status_code == 303 and "; Secure" in answer.headers["Set-Cookie"]
+    cancel = "/ai-ml-model-training/v1/training-jobs/999999/cancel"
+    assert client.post(cancel, headers={"Origin": "https://tm.example.org"}).status_code == 404
+    assert client.post(cancel, headers={"Origin": "https://other.example.org"}).status_code == 403
+
+
+def test_a_referer_of_this_host_stands_in_for_a_missing_origin(token_app, tokens):
+    answer = console_login(token_app().test_client(), tokens[READER],
+                           {"Referer": "http://localhost/console/login?next=/console"})
+    assert answer.status_code == 303
+
+
+def test_writes_authenticated_by_the_cookie_must_come_from_the_console(token_app, tokens):
+    client = token_app().test_client()
+    client.set_cookie(COOKIE, tokens[WRITER])
+    cancel = "/ai-ml-model-training/v1/training-jobs/999999/cancel"
+    for forged in ({}, {"Origin": "http://evil.example"}, {"Origin": "http://localhost.evil.example"},
+                   {"Referer": "http://evil.example/"}, {"Origin": "null"}):
+        answer = client.post(cancel, headers=forged)
+        assert answer.status_code == 403, forged
+        assert answer.mimetype == "application/problem+json" and "console's own pages" in answer.get_json()["detail"]
+    assert client.post(cancel, headers=CONSOLE_ORIGIN).status_code == 404, "past the checks: no such job"
+    assert client.post(cancel, headers={"Referer": "http://localhost/console/jobs/1"}).status_code == 404
+    assert client.get("/ai-ml-model-training/v1/training-jobs").status_code == 200, "reads need no Origin"
+
+
+def test_the_authorization_header_wins_over_the_cookie(token_app, tokens):
+    client = token_app().test_client()
+    client.set_cookie(COOKIE, tokens[WRITER])
+    cancel = "/ai-ml-model-training/v1/training-jobs/999999/cancel"
+    as_reader = client.post(cancel, headers={"Authorization": f"Bearer {tokens[READER]}"})
+    assert as_reader.status_code == 403 and "reader-user" in as_reader.get_json()["detail"]
+    # A client with a valid header needs no Origin: the header is no ambient credential.
+    assert client.post(cancel, headers={"Authorization": f"Bearer {tokens[WRITER]}"}).status_code == 404
+    bogus = client.get("/pipelines", headers={"Authorization": f"Bearer {tokens['bogus']}"})
+    assert bogus.status_code == 401
+
+
+def test_a_cookie_no_longer_valid_sends_pages_to_the_login_and_the_api_answers_401(token_app, tokens, tmp_path):
+    client = token_app().test_client()
+    for stale in (tokens["bogus"], ""):
+        client.set_cookie(COOKIE, stale)
+        assert client.get("/console/pipelines").headers["Location"] == "/console/login?next=/console/pipelines"
+        answer = client.get("/pipelines")
+        assert answer.status_code == 401 and 'error="invalid_token"' in answer.headers["WWW-Authenticate"]
+        assert tokens["bogus"] not in answer.get_data(as_text=True)
+
+
+def test_pages_offer_writing_controls_only_to_writers(token_app, tokens):
+    client = token_app().test_client()
+    client.set_cookie(COOKIE, tokens[READER])
+    page = client.get("/console/pipelines")
+    assert page.status_code == 200 and b'id="upload-form"' not in page.data and b"reader-user" in page.data
+    client.set_cookie(COOKIE, tokens[WRITER])
+    assert b'id="upload-form"' in client.get("/console/pipelines").data
+
+
+def test_pages_are_not_cached_framed_or_scripted_from_elsewhere(token_app, tokens):
+    client = token_app().test_client()
+    client.set_cookie(COOKIE, tokens[READER])
+    page = client.get("/console/featuregroups")
+    assert page.headers["Cache-Control"] == "no-store" and page.headers["X-Frame-Options"] == "DENY"
+    policy = page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy and "unsafe-inline" not in policy
+    assert b"<script>" not in page.data, "no inline script"
+
+
+def test_without_authentication_the_console_needs_no_login(app):
+    client = app.test_client()
+    assert client.get("/").headers["Location"] == "/console"
+    assert client.get("/console").status_code == 200
+    assert client.get("/console/login").headers["Location"] == "/console"
+    assert b'id="upload-form"' in client.get("/console/pipelines").data
 
 
 # ---------------------------------------------------------------------------------------------- callbacks

@@ -11,8 +11,10 @@ from trainingmgr import PROJECT_ROOT, SWAGGER_FILE, create_app
 from trainingmgr.config import Settings
 
 HTTP_METHODS = {"get", "put", "post", "delete", "patch"}
-# Routes that are not API operations: Swagger UI's own assets.
+# Routes that are not API operations: Swagger UI's own assets, and the web console (api/console.py: pages for
+# people, whose refusals are pages too, not ProblemDetails; test_auth.py holds their access rules).
 UNDOCUMENTED_ENDPOINTS = {"docs.apidocs_asset", "docs.apidocs_init"}
+UNDOCUMENTED_BLUEPRINTS = {"console"}
 
 
 def load_spec() -> dict:
@@ -32,7 +34,7 @@ def spec_operations(spec: dict) -> tuple[set[tuple[str, str]], set[tuple[str, st
 def served_operations(app) -> set[tuple[str, str]]:
     served = set()
     for rule in app.url_map.iter_rules():
-        if rule.endpoint in UNDOCUMENTED_ENDPOINTS:
+        if rule.endpoint in UNDOCUMENTED_ENDPOINTS or rule.endpoint.split(".")[0] in UNDOCUMENTED_BLUEPRINTS:
             continue
         path = re.sub(r"<(?:[a-z]+:)?([A-Za-z_]+)>", r"{\1}", rule.rule)
         for method in rule.methods - {"HEAD", "OPTIONS"}:

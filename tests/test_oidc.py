@@ -264,6 +264,23 @@ def test_the_principal_is_the_subject(oidc_app, idp, caplog):
     assert (line.principal, line.status) == ("f3a1-rapp-qoe", 404)
 
 
+def test_the_console_logs_in_with_an_access_token_that_carries_a_role(oidc_app, idp):
+    client = oidc_app().test_client()
+
+    def log_in(token: str):
+        return client.post("/console/login", data={"token": token}, headers={"Origin": "http://localhost"})
+
+    roleless = log_in(idp.token(None))
+    assert roleless.status_code == 403 and "carries none of the roles" in roleless.get_data(as_text=True)
+    for name in ("expired", "alg none", "another audience"):
+        assert log_in(attacks(idp)[name]).status_code == 401, name
+    assert client.get("/console/jobs").status_code == 303, "no cookie from the refusals"
+    answer = log_in(idp.token("reader"))
+    assert answer.status_code == 303 and "; HttpOnly" in answer.headers["Set-Cookie"]
+    page = client.get("/console/jobs")
+    assert page.status_code == 200 and b"f3a1-rapp-qoe" in page.data and b'id="new-job-form"' not in page.data
+
+
 # ---------------------------------------------------------------------------------------------- keys
 def test_made_up_key_ids_do_not_make_the_service_hammer_the_issuer(oidc_app, idp):
     client = oidc_app().test_client()

@@ -4,45 +4,22 @@ Selenium through Debian's chromedriver): "Try it out" on a protected operation a
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.browser import BROWSER_SECONDS, chromium, requires_chromium
 from tests.processes import ready_server
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-BROWSER_SECONDS = 60  # each wait for the page; generous for a loaded machine
-
-pytestmark = pytest.mark.skipif(
-    (CHROMIUM is None or CHROMEDRIVER is None) and os.environ.get("CI", "").lower() != "true",
-    reason="Chromium and chromedriver are not installed (Debian packages chromium, chromium-driver; .ci/run installs "
-           "them)",
-)
+pytestmark = requires_chromium
 
 
 @pytest.fixture
 def browser(tmp_path: Path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    assert CHROMIUM and CHROMEDRIVER, "Chromium and chromedriver are required under CI"
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000"):
-        options.add_argument(argument)
-    service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
-    driver = webdriver.Chrome(options=options, service=service)
-    driver.set_page_load_timeout(BROWSER_SECONDS)
-    try:
+    with chromium(tmp_path) as driver:
         yield driver
-    finally:
-        driver.quit()  # stops Chromium and chromedriver, also when the test failed
 
 
 def try_it_out(driver, operation_id: str) -> str:

@@ -84,7 +84,8 @@ def serve(host: str | None, port: int | None, workers: int | None, demo: bool) -
     upgrade_database_in_child()
     from .serving import gunicorn_application
 
-    click.echo(f"trainingmgr serving on http://{settings.host}:{settings.port} (Swagger UI at /apidocs)")
+    click.echo(f"trainingmgr serving on http://{settings.host}:{settings.port} (web console at /, Swagger UI at "
+               "/apidocs)")
     gunicorn_application(settings).run()
 
 

@@ -130,4 +130,6 @@ class Demo:
             self.echo(f"demo FAILED: {e}")
             return False
         self.echo("demo succeeded")
+        self.echo(f"  see the jobs, their steps, logs and metrics in the web console: {self.api.base}/console/jobs/"
+                  f"{second['id']}")
         return True

@@ -8,11 +8,18 @@ TM_CALLBACK_AUTH=role makes them need a writer, and only from TM_CALLBACK_ALLOWE
 the error log says so): a new route is closed until someone decides who may call it.
 
 With TM_AUTH=none nobody is asked for a credential: the roles are not checked, only the callback networks.
+
+The web console (api/console.py) logs a browser in by keeping the pasted token in an HttpOnly, SameSite=Strict
+cookie. A request without an Authorization header may be authenticated by that cookie (the header, when present,
+always wins); a browser sends a cookie with requests that other pages make it send, so an unsafe method (POST,
+PUT, DELETE ...) authenticated by the cookie must also come from this origin (its Origin, else its Referer, names
+this host), as SameSite's second line of defence.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
+from urllib.parse import urlsplit
 
 from flask import g, request
 
@@ -25,6 +32,8 @@ log = logging.getLogger(__name__)
 
 OPEN, CALLBACK, METRICS = "open", "callback", "metrics"
 MAX_CREDENTIAL_LENGTH = 16 * 1024  # a JWT with many roles is a few KiB; anything far longer is not a credential
+CONSOLE_COOKIE = "tm_console_token"  # the web console's login: the bearer token itself
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 ROUTE_ACCESS: dict[str, str] = {
     "health.healthz": OPEN,
@@ -64,6 +73,18 @@ ROUTE_ACCESS: dict[str, str] = {
     "training_jobs.update_model_metrics": WRITER,
     "models.download_model": READER,
     "event_stream.job_events": READER,
+    # The web console: its pages need a reader (refusals are answered as pages: the login page, a 403 page);
+    # logging in and out, its scripts and styles, and / (a redirect to it) are open.
+    "console.root": OPEN,
+    "console.login_form": OPEN,
+    "console.log_in": OPEN,
+    "console.log_out": OPEN,
+    "console.static": OPEN,
+    "console.jobs": READER,
+    "console.job": READER,
+    "console.feature_groups": READER,
+    "console.feature_group": READER,
+    "console.pipelines": READER,
 }
 
 
@@ -94,13 +115,21 @@ def authorize() -> None:
         return
     principal = _principal(authenticator)
     g.principal = principal.name  # the audit line's principal
+    g.principal_roles = principal.roles  # what the console's pages offer (api/console.py)
     if not principal.may(role):
         raise Forbidden(f"This operation needs the {role} role; the credential of {principal.name!r} does not "
                         f"carry it.")
 
 
 def _principal(authenticator: Authenticator) -> Principal:
-    scheme, _, credential = request.headers.get("Authorization", "").strip().partition(" ")
+    header = request.headers.get("Authorization")
+    if header is None:
+        cookie = request.cookies.get(CONSOLE_COOKIE)
+        if cookie is not None:
+            if request.method not in SAFE_METHODS:
+                require_same_origin()
+            return authenticate(authenticator, cookie.strip(), "The console's login is no longer valid")
+    scheme, _, credential = (header or "").strip().partition(" ")
     credential = credential.strip()
     if not scheme:
         raise Unauthorized("This operation needs a credential: send Authorization: Bearer <token>.")
@@ -109,14 +138,35 @@ def _principal(authenticator: Authenticator) -> Principal:
     if not credential:
         raise Unauthorized("The Bearer credential is empty: send Authorization: Bearer <token>.",
                            invalid_token=True)
+    return authenticate(authenticator, credential, "The bearer token is not valid")
+
+
+def authenticate(authenticator: Authenticator, credential: str, refusal: str) -> Principal:
+    """The principal of a credential, or the 401 (`refusal`: why, the credential never quoted) or 503 saying why
+    not."""
     if len(credential) > MAX_CREDENTIAL_LENGTH:
-        raise Unauthorized("The bearer token is not valid: it is too long.", invalid_token=True)
+        raise Unauthorized(f"{refusal}: it is too long.", invalid_token=True)
     try:
         return authenticator.authenticate(credential)
     except InvalidCredentials as e:
-        raise Unauthorized(f"The bearer token is not valid: {e}.", invalid_token=True) from None
+        raise Unauthorized(f"{refusal}: {e}.", invalid_token=True) from None
     except IdentityProviderUnavailable as e:
         raise ServiceUnavailable(f"Credentials cannot be checked at the moment: {e}; try again later.") from None
+
+
+def require_same_origin() -> None:
+    """403 unless the request comes from a page of this service: its Origin header (else its Referer) names the
+    host the request was sent to, or the host of TM_ADVERTISED_URL (behind a proxy that rewrites Host, the address
+    users open). A browser always sends Origin with a POST; a page elsewhere cannot forge it."""
+    source = request.headers.get("Origin") or request.headers.get("Referer") or ""
+    try:
+        source_host = urlsplit(source).netloc.lower()
+        advertised_host = urlsplit(services().settings.advertised_url).netloc.lower()
+    except ValueError:
+        source_host, advertised_host = "", ""
+    if not source_host or source_host not in (request.host.lower(), advertised_host):
+        raise Forbidden("This request must come from the console's own pages: its Origin (or Referer) header names "
+                        "another site, or none.")
 
 
 def _refuse_callbacks_from_elsewhere() -> None:

@@ -1,5 +1,7 @@
 """Cross-origin requests (the framework's dashboard runs on another origin): flask-cors, configured by
-TM_CORS_ORIGINS. No credentials mode: nothing here uses cookies."""
+TM_CORS_ORIGINS. No credentials mode: cross-origin callers send their token in Authorization; the web console's
+login cookie serves its own origin only (a page elsewhere can neither read answers it authenticates nor, by
+api/access.py's origin check, write with it)."""
 from __future__ import annotations
 
 from flask import Flask, Response, request
