@@ -10,7 +10,7 @@ and both databases dropped at the end, also on error or Ctrl-C):
      and loads a feature group (through the API, in-process), a model and --jobs (10,000) finished training-job
      rows into the first, --small-jobs (100) into the second (bulk INSERT through SQLAlchemy core);
   2. counts the SQL statements of one request in-process (create_app on the same database, a
-     `before_cursor_execute` counter, Flask's test client), with the pool check-outs (each a pre-ping round trip)
+     `before_cursor_execute` counter, Flask's test client), with the pool check-outs
      and transactions beside them;
   3. for each --workers N: starts `python -m trainingmgr serve` on each database (TM_WORKERS=N, TM_THREADS=T,
      TM_EMBEDDED_WORKER=false, TM_LOG_LEVEL=WARNING) and bench/limit_proxy.py with the same gunicorn settings,
@@ -326,7 +326,7 @@ def load_database(url: str, data_dir: Path, jobs: int) -> Loaded:
 @dataclass
 class SqlCount:
     statements: int
-    checkouts: int  # pool check-outs: each one a pre-ping round trip (pool_pre_ping)
+    checkouts: int  # pool check-outs (a pre-ping round trip each, before issue 12 dropped pool_pre_ping)
     transactions: int  # BEGIN ... COMMIT/ROLLBACK sent: two round trips each on psycopg2 (0 in autocommit)
     status: int
     body_bytes: int
@@ -715,8 +715,8 @@ def report(rows: list[Row], sql: list[tuple[str, SqlCount]], memory: list, args:
     for name, c in sql:
         print(f"  {name:46s} {c.statements:10d} {c.checkouts:9d} {c.transactions:12d} {c.status:6d} "
               f"{c.body_bytes:10d}")
-    print("  (each checkout is also a pool_pre_ping round trip; each transaction sent adds BEGIN and ROLLBACK "
-          "round trips (GETs run in autocommit: none); the limit proxy sends 1 statement in autocommit: 1 round trip)")
+    print("  (checkouts send nothing since issue 12 dropped pool_pre_ping; each transaction sent adds BEGIN and "
+          "ROLLBACK round trips (GETs run in autocommit: none); the limit proxy sends 1 statement in autocommit: 1 round trip)")
     print()
     print("Against docs/performance.md:")
     by = {(r.scenario, r.workers, r.connections): r.result for r in rows}

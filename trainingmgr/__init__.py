@@ -1,6 +1,7 @@
 """trainingmgr: the Training Manager of an O-RAN AI/ML framework."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,7 +22,10 @@ def _engine_options(settings: Settings) -> dict[str, Any]:
         # One connection per thread; wait for a busy database instead of failing at once.
         return {"connect_args": {"timeout": 30, "check_same_thread": False}}
     options: dict[str, Any] = {
-        "pool_pre_ping": True,
+        # No pre-ping on every check-out (a second round trip per request): only a connection idle for a while is
+        # pinged (_postgres_checkout); a busy one found cut is handled when it happens (TrainingManagerApp tries a
+        # read once more; the workers take their next look). LIFO keeps the busy connections busy.
+        "pool_use_lifo": True,
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_max_overflow,
         "pool_timeout": settings.db_pool_timeout,
@@ -62,7 +66,15 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN" if _read_only_request() else "BEGIN IMMEDIATE")
 
 
-def _postgres_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+# A pooled connection unused for this long is pinged when checked out: a restart or a proxy's idle timeout cuts
+# connections while they wait, and a write is not tried twice. Busy connections are not pinged (no round trip).
+PING_AFTER_IDLE_SECONDS = 1.0
+
+
+def _postgres_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    checked_in_at = record.info.get("checked_in_at")
+    if checked_in_at is not None and time.monotonic() - checked_in_at >= PING_AFTER_IDLE_SECONDS:
+        _ping(dbapi_connection)
     # A read-only HTTP request (no GET handler writes) runs its statements in autocommit: under READ COMMITTED each
     # statement has its own snapshot anyway, so answers are the same, and the BEGIN and ROLLBACK round trips (two
     # of a one-row GET's four) go away. psycopg2 sets this client-side, without a round trip. Workers
@@ -71,9 +83,44 @@ def _postgres_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None
         dbapi_connection.autocommit = True
 
 
-def _postgres_checkin(dbapi_connection: Any, _record: Any) -> None:
+def _postgres_checkin(dbapi_connection: Any, record: Any) -> None:
+    record.info["checked_in_at"] = time.monotonic()
     if dbapi_connection is not None and not dbapi_connection.closed and dbapi_connection.autocommit:
         dbapi_connection.autocommit = False
+
+
+def _ping(dbapi_connection: Any) -> None:
+    """SELECT 1 in autocommit; a connection that fails it is replaced (DisconnectionError: the pool retries)."""
+    import psycopg2
+    from sqlalchemy.exc import DisconnectionError
+
+    autocommit = dbapi_connection.autocommit
+    try:
+        dbapi_connection.autocommit = True
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        dbapi_connection.autocommit = autocommit
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
+        raise DisconnectionError(str(e)) from e
+
+
+class TrainingManagerApp(Flask):
+    def dispatch_request(self) -> Any:
+        """A read whose pooled connection turns out to be cut (the database restarted, a proxy or
+        pg_terminate_backend ended it) is tried once more: SQLAlchemy has invalidated the pool's connections of
+        before the cut, so the second try runs on a fresh one. A write is not repeated: its error is the answer."""
+        from sqlalchemy.exc import DBAPIError
+
+        from .extensions import db
+
+        try:
+            return super().dispatch_request()
+        except DBAPIError as e:
+            if not (e.connection_invalidated and _read_only_request()):
+                raise
+            db.session.rollback()
+            self.logger.info("database connection was cut; the read is tried once more on a new one")
+            return super().dispatch_request()
 
 
 def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
@@ -93,7 +140,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         settings = Settings.from_env(**dict(config or {}))
     configure_logging(settings.log_level)
 
-    app = Flask(__name__, static_folder=None)  # no static files: Swagger UI's come from the docs blueprint
+    app = TrainingManagerApp(__name__, static_folder=None)  # no static files: Swagger UI's come from the docs blueprint
     app.config.update(
         SQLALCHEMY_DATABASE_URI=settings.sqlalchemy_url,
         SQLALCHEMY_ENGINE_OPTIONS=_engine_options(settings),

@@ -216,17 +216,20 @@ class Worker:
     def _loop(self, owner: str, pool: Pool) -> None:
         outage_delay = 0.0  # this thread's backoff while the database is away (0: it answers)
         claim_now = True  # at start, when rung and when an item is due: claim; else wait in _idle
+        cut_forgiven = False  # one cut connection is tried again at once, unlogged (pools do not pre-ping)
         while not self._stop.is_set():
             with self.app.app_context():
                 try:
                     worked = claim_now and self._one(owner, pool)
                     claim_now = worked or self._idle(pool, claimed_nothing=claim_now)
-                    outage_delay = 0.0
+                    outage_delay, cut_forgiven = 0.0, False
                     self.outage.succeeded()
                 except Exception as e:  # one bad item must not kill the thread; it comes back when its lease ends
                     _rollback_quietly()
                     claim_now = True
-                    if database_unavailable(e):
+                    if not cut_forgiven and not outage_delay and getattr(e, "connection_invalidated", False):
+                        cut_forgiven = True  # the pool dropped its old connections: the next try gets a new one
+                    elif database_unavailable(e):
                         outage_delay = next_outage_delay(outage_delay)
                         self.outage.failed(e, outage_delay)
                     else:
