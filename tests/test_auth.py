@@ -397,6 +397,12 @@ def test_over_https_the_cookie_is_secure_and_next_never_leaves_the_console(token
                          data={"token": f"Bearer {tokens[READER]}", "next": "//evil.example/console"})
     assert answer.status_code == 303 and answer.headers["Location"] == "/console", "no redirect elsewhere"
     assert "; Secure" in answer.headers["Set-Cookie"]
+    for outside in ("/console/../..//evil.example", "/console/../apidocs", "/consolex", "/console//evil.example",
+                    "/console/./../metrics"):
+        answer = console_login(client, tokens[READER], next=outside)
+        assert answer.headers["Location"] == "/console", outside
+    for inside in ("/console/jobs/7", "/console/pipelines?x=1", "/console"):
+        assert console_login(client, tokens[READER], next=inside).headers["Location"] == inside
 
 
 @pytest.mark.parametrize("token,status,says", [

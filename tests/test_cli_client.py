@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import zipfile
 from pathlib import Path
 
@@ -127,6 +128,26 @@ def test_logs_follow_a_running_job_on_the_command_line_and_as_one_streamed_answe
     assert followed.stdout_bytes == bytes(streamed), "the whole output, as kept with the finished job"
     assert run(ready, "jobs", "wait", job_id, "--timeout", "60").exit_code == 0
     assert run(ready, "jobs", "logs", "999999").exit_code == 3
+
+
+def test_an_http_1_0_follow_ends_with_the_connection_when_the_job_ends(ready, tmp_path):
+    url, folder = ready
+    assert run(ready, "pipelines", "upload", "talks10", str(talking_pipeline(tmp_path, 10, 0.2))).exit_code == 0
+    created = run(ready, "jobs", "create", "-f", write(folder, "talk10.json", job_request("old_http",
+                                                                                        pipeline="talks10")))
+    job_id = created.stdout.splitlines()[0]
+    host, port = url.removeprefix("http://").split(":")
+    received = bytearray()
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
+        sock.sendall(f"GET /ai-ml-model-training/v1/training-jobs/{job_id}/logs?follow=true&offset=0 HTTP/1.0\r\n"
+                     f"Host: {host}\r\n\r\n".encode())
+        while chunk := sock.recv(65536):  # the body ends when the server closes the connection
+            received += chunk
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
+    assert numbered(body.decode()) == list(range(10))
+    kept = requests.get(f"{url}/ai-ml-model-training/v1/training-jobs/{job_id}/logs?offset=0", timeout=30)
+    assert kept.headers["X-Log-Complete"] == "true" and kept.content == body
 
 
 def test_feature_groups_and_pipelines(ready):

@@ -3,6 +3,7 @@ process; resuming with Last-Event-ID across a restart and across replicas; filte
 streams that hold no request thread."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import socket
 import time
@@ -269,23 +270,61 @@ def test_a_new_stream_starts_with_the_next_event_even_after_earlier_streams(app,
     assert f'"job_id": {new}'.encode() in event and f'"job_id": {old},'.encode() not in event
 
 
-def test_http_1_0_streams_are_not_chunked(service):
+def test_http_1_0_streams_are_not_chunked_and_hold_no_thread_either(service):
+    """Before: an HTTP/1.0 stream kept its request thread, so 8 of them (2 processes x 4 threads) stopped the API."""
     url, _, port, _ = service
-    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    socks = []
     try:
-        sock.sendall(f"GET {EVENTS} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
-        head = b""
-        while b"retry: 3000" not in head:
-            chunk = sock.recv(4096)
-            assert chunk
-            head += chunk
-        assert b"Transfer-Encoding: chunked" not in head and b"\r\n\r\nretry: 3000\n\n" in head
+        for _ in range(12):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            socks.append(sock)
+            sock.sendall(f"GET {EVENTS} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        heads = []
+        for sock in socks:
+            head = b""
+            while b"retry: 3000" not in head:
+                chunk = sock.recv(4096)
+                assert chunk
+                head += chunk
+            heads.append(head)
+        assert all(b"Transfer-Encoding: chunked" not in head and b"\r\n\r\nretry: 3000\n\n" in head
+                   for head in heads)
+        for path in ("/healthz", JOBS):
+            assert requests.get(url + path, timeout=10).status_code == 200, path
         job_id = requests.post(url + JOBS, json=job_request(), timeout=WAIT).json()["id"]
-        seen = b""
-        while f'"job_id": {job_id}'.encode() not in seen:
-            chunk = sock.recv(65536)
-            assert chunk
-            seen += chunk
-        assert seen.startswith(b"id: "), "frames only, no chunk sizes"
+        for sock in socks:
+            seen = b""
+            while f'"job_id": {job_id}'.encode() not in seen:
+                chunk = sock.recv(65536)
+                assert chunk
+                seen += chunk
+            assert seen.startswith(b"id: "), "frames only, no chunk sizes"
     finally:
-        sock.close()
+        for sock in socks:
+            sock.close()
+
+
+def test_simultaneous_requests_do_not_pass_the_limit(tmp_path):
+    """The slot is taken when the request is answered, not when its body starts: 12 requests at once against a
+    limit of 3 get 3 streams (before: a few more slipped through between the check and the stream's start)."""
+    env = {"TM_DATA_DIR": str(tmp_path / "data"), "TM_WORKERS": "1", "TM_THREADS": "8", "TM_DATABASE_URL": "",
+           "TM_MAX_EVENT_STREAMS": "3"}
+    with ready_server(tmp_path, env) as url:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda _: requests.get(url + EVENTS, stream=True, timeout=WAIT), range(12)))
+        try:
+            statuses = sorted(answer.status_code for answer in answers)
+            assert statuses == [200] * 3 + [503] * 9, statuses
+        finally:
+            for answer in answers:
+                answer.close()
+
+
+def test_an_in_process_reader_that_does_not_read_is_dropped_too():
+    stream = Stream(StreamFilter(), 0)  # no socket: a request thread reads its queue
+    blob = b"x" * 65536
+    for _ in range(200):
+        stream.put(blob)
+        if stream.closed:
+            break
+    assert stream.closed and stream.queued <= event_stream.MAX_PENDING_BYTES + len(blob)

@@ -104,6 +104,13 @@ class ServiceUnavailable(ApiError):
     retry_after: int | None = RETRY_AFTER_SECONDS  # seconds, sent as Retry-After
 
 
+class AtCapacity(ServiceUnavailable):
+    """The process serves as many of something (event streams ...) as it may: load shed on purpose, not a
+    failure, so it is logged as a warning."""
+
+    log_level = logging.WARNING
+
+
 class DatabaseUnavailable(ServiceUnavailable):
     """The database cannot be reached (down, restarting, refusing connections) or no pooled connection came free in
     TM_DB_POOL_TIMEOUT: a passing state, not the request's fault and not a bug."""
@@ -193,7 +200,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(error: ApiError) -> Response:
         if error.status >= 500:
-            log.error("request failed: %s", error.detail)
+            log.log(getattr(error, "log_level", logging.ERROR), "request failed: %s", error.detail)
         return _problem_of(error)
 
     @app.errorhandler(HTTPException)

@@ -100,6 +100,9 @@ def main() -> None:
     except Exception as e:  # a broken pipeline file or parameters: the run failed, say why
         traceback.print_exc()
         result = {"state": "FAILED", "error": f"{e.__class__.__name__}: {ANSI.sub('', str(e))}"[-2000:]}
+    if result["state"] == "FAILED":
+        # The log (output.log, served as the run's log) says why too, also when kfp.local printed nothing.
+        print(f"run FAILED: {result['error']}", file=sys.stderr, flush=True)
     write_result(run_dir, result)
     if done_fd is not None:
         os.close(done_fd)  # tells the service now; this interpreter's teardown may take a while

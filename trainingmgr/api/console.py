@@ -10,6 +10,7 @@ anyway.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from datetime import datetime, timezone
 from typing import Any
@@ -215,8 +216,13 @@ def _role_shown() -> str | None:
 
 
 def _local_path(raw: str | None) -> str | None:
-    """Where to go after logging in: a console page only, never another site (`//host`, `/\\host`)."""
-    if not raw or not raw.startswith("/console") or "\\" in raw or raw.startswith("/console/login"):
+    """Where to go after logging in: a console page only, never another site (`//host`, `/\\host`) nor a path
+    that dot segments lead out of the console."""
+    if not raw or "\\" in raw or "//" in raw:
+        return None
+    path = raw.partition("?")[0]
+    if posixpath.normpath(path) != path.rstrip("/") or not (path == "/console" or path.startswith("/console/")) \
+            or path.startswith("/console/login"):
         return None
     return raw
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from flask import Blueprint, Flask, Response, current_app, request
 from sqlalchemy import func, select
 
-from ..errors import BadRequest, NotFound, ServiceUnavailable
+from ..errors import AtCapacity, BadRequest, NotFound
 from ..extensions import db
 from ..http_worker import StreamDetached
 from ..models import JobEvent, Model, TrainingJob
@@ -65,8 +65,10 @@ class StreamFilter:
 class Stream:
     filter: StreamFilter
     last_id: int
-    sock: socket.socket | None = None  # the connection (chunked framing), else None: frames go to `frames`
+    sock: socket.socket | None = None  # the connection, else None: frames go to `frames` (a request thread's)
+    chunked: bool = True  # HTTP/1.1: chunked framing; HTTP/1.0: the bytes as they are, the body ends when closed
     frames: "queue.Queue[bytes | None]" = field(default_factory=queue.Queue)
+    queued: int = 0  # bytes in `frames` not taken yet
     pending: bytearray = field(default_factory=bytearray)
     last_write: float = field(default_factory=time.monotonic)
     closed: bool = False
@@ -75,17 +77,22 @@ class Stream:
     def put(self, data: bytes) -> None:
         self.last_write = time.monotonic()
         if self.sock is None:
+            self.queued += len(data)
             self.frames.put(data)
+            if self.queued > MAX_PENDING_BYTES:  # a reader too far behind is dropped, as on a socket
+                self.closed = True
+                self.frames.put(None)
             return
-        self.pending += f"{len(data):x}\r\n".encode() + data + b"\r\n"  # one chunk
+        self.pending += (f"{len(data):x}\r\n".encode() + data + b"\r\n") if self.chunked else data
 
     def finish(self) -> None:
-        """The response is complete: end the chunked body (or the queue) once what is pending is written."""
+        """The response is complete: end the body (or the queue) once what is pending is written."""
         if self.sock is None:
             self.frames.put(None)
             self.closed = True
             return
-        self.pending += b"0\r\n\r\n"
+        if self.chunked:
+            self.pending += b"0\r\n\r\n"
         self.finishing = True
 
     def flush(self) -> None:
@@ -142,6 +149,7 @@ class EventHub:
         self.app = app
         self.max_streams = max_streams
         self.streams: list[Stream] = []
+        self.reserved = 0  # slots taken by streams whose body has not started yet
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
         self.watermark: int | None = None  # every event up to here has been seen (or given up on)
@@ -149,29 +157,40 @@ class EventHub:
         self.wake_up = threading.Event()
 
     # ------------------------------------------------------------------ streams come and go
-    def check_capacity(self) -> None:
-        """503 when the process serves as many streams as it may."""
-        if len(self.streams) >= self.max_streams:
-            raise ServiceUnavailable(f"This process serves {self.max_streams} event streams already "
-                                     "(TM_MAX_EVENT_STREAMS); try again later.")
+    def reserve(self) -> None:
+        """Take a slot for a stream about to open (its body is read later): 503 when the process serves as many
+        streams as it may. _add takes the slot over; release() gives back one that never opened."""
+        with self.lock:
+            if len(self.streams) + self.reserved >= self.max_streams:
+                raise AtCapacity(f"This process serves {self.max_streams} event streams and followed logs already "
+                                 "(TM_MAX_EVENT_STREAMS); try again later.")
+            self.reserved += 1
 
-    def open(self, stream_filter: StreamFilter, last_id: int, sock: socket.socket | None = None) -> Stream:
-        """A new stream of the events after `last_id`, written to `sock` (chunked), else to its queue."""
+    def release(self) -> None:
+        with self.lock:
+            self.reserved = max(0, self.reserved - 1)
+
+    def open(self, stream_filter: StreamFilter, last_id: int, sock: socket.socket | None = None,
+             chunked: bool = True) -> Stream:
+        """A new stream of the events after `last_id`, written to `sock`, else to its queue."""
         newest = self.newest_id() if self.watermark is None else None  # a hub already running knows where it is
         with self.lock:
             if self.watermark is None:
                 self.watermark = newest if newest is not None else self.newest_id()
-        return self._add(Stream(stream_filter, last_id, sock=sock))
+        return self._add(Stream(stream_filter, last_id, sock=sock, chunked=chunked))
 
-    def open_log(self, job_id: int, offset: int, sock: socket.socket | None = None) -> LogStream:
-        """A followed run log from byte `offset` on, written to `sock` (chunked), else to its queue."""
-        return self._add(LogStream(StreamFilter(job_id=job_id), 0, sock=sock, offset=offset,
+    def open_log(self, job_id: int, offset: int, sock: socket.socket | None = None, chunked: bool = True
+                 ) -> LogStream:
+        """A followed run log from byte `offset` on, written to `sock`, else to its queue."""
+        return self._add(LogStream(StreamFilter(job_id=job_id), 0, sock=sock, chunked=chunked, offset=offset,
                                    next_read=time.monotonic() + POLL_SECONDS))
 
     def _add(self, stream: StreamT) -> StreamT:
+        """The stream joins the hub, in the slot reserve() took for it."""
         if stream.sock is not None:
             stream.sock.setblocking(False)
         with self.lock:
+            self.reserved = max(0, self.reserved - 1)
             self.streams.append(stream)
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name="tm-event-hub", daemon=True)
@@ -381,50 +400,57 @@ def job_events() -> Response:
     """Every job event as it happens (Server-Sent Events), filtered by job or model, resumable."""
     stream_filter, last_id = _filter(), _last_event_id()
     the_hub = hub()
-    the_hub.check_capacity()
     if last_id is None:  # from the next event on, as of this request
         last_id = the_hub.newest_id()
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     first = f"retry: {RETRY_MILLISECONDS}\n\n".encode()
-    return Response(_streamed(first, lambda sock: the_hub.open(stream_filter, last_id, sock)),
-                    mimetype="text/event-stream", headers=headers)
+    return _streamed(first, lambda sock, chunked: the_hub.open(stream_filter, last_id, sock, chunked),
+                     "text/event-stream")
 
 
 def follow_log(job_id: int, first: bytes, offset: int) -> Response:
     """`.../training-jobs/{id}/logs?follow=true` once `first` (the output up to `offset`) is read: the rest as the
     run writes it, ending when the job has ended and its log is written out."""
     the_hub = hub()
-    the_hub.check_capacity()
+    return _streamed(first, lambda sock, chunked: the_hub.open_log(job_id, offset, sock, chunked), "text/plain")
+
+
+def _streamed(first: bytes, open_stream: Callable[[socket.socket | None, bool], Stream], mimetype: str) -> Response:
+    """A streamed answer: `first`, then what the hub writes to the stream `open_stream` opens (503 when the
+    process has no slot left for one).
+
+    Under serve (trainingmgr.http_worker) the connection is handed to the hub once `first` is out, on its own copy
+    of the socket: the hub writes chunks on HTTP/1.1, the bytes as they are on HTTP/1.0 (whose body ends when the
+    hub closes the connection). So a stream holds no request thread. Elsewhere (the test client, `flask run`) the
+    request thread reads the hub's frames from a queue. The stream opens once the body is read, not before: an
+    answer never read holds a slot until it is closed, no stream. HEAD gets the head and `first` only."""
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return Response(_streamed(first, lambda sock: the_hub.open_log(job_id, offset, sock)),
-                    mimetype="text/plain", headers=headers)
-
-
-def _streamed(first: bytes, open_stream: Callable[[socket.socket | None], Stream]) -> Iterator[bytes]:
-    """A streamed body: `first`, then what the hub writes to the stream `open_stream` opens.
-
-    Under serve (trainingmgr.http_worker) an HTTP/1.1 connection (chunked: the framing the hub writes) is handed
-    to the hub once `first` is out, on its own copy of the socket; an HTTP/1.0 one keeps its thread, which reads the
-    hub's frames from a queue. The stream opens once the body is read, not before: a response never read holds
-    none."""
-    detachable = request.environ.get("trainingmgr.can_detach") and request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
-    sock = request.environ.get("gunicorn.socket") if detachable else None
+    if request.method == "HEAD":
+        return Response(first, mimetype=mimetype, headers=headers)
     the_hub = hub()
+    the_hub.reserve()
+    chunked = request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+    sock = request.environ.get("gunicorn.socket") if request.environ.get("trainingmgr.can_detach") else None
+    opened = False
 
     def body() -> Iterator[bytes]:
+        nonlocal opened
         yield first
+        opened = True
         if sock is not None:
-            open_stream(socket.socket(fileno=os.dup(sock.fileno())))
+            open_stream(socket.socket(fileno=os.dup(sock.fileno())), chunked)
             raise StreamDetached()
-        stream = open_stream(None)
+        stream = open_stream(None, chunked)
         try:
             while True:
                 data = stream.frames.get()
                 if data is None:
                     return
+                stream.queued -= len(data)
                 yield data
         except GeneratorExit:  # the client went away (or the server stops)
             the_hub.forget(stream)
             raise
 
-    return body()
+    response = Response(body(), mimetype=mimetype, headers=headers)
+    response.call_on_close(lambda: None if opened else the_hub.release())
+    return response

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LINE_SEARCH_BYTES = 4096  # how far a cut log looks for the start of its next line
+
 
 @dataclass(frozen=True)
 class LogPiece:
@@ -42,7 +44,12 @@ def run_log_to_keep(engine: "PipelineEngine", job: TrainingJob, max_bytes: int) 
         log.log(logging.WARNING if e.retryable else logging.INFO, "run output not kept",
                 extra={"trainingjob_id": job.id, "run_id": job.run_id, "error": str(e)[:300]})
         return None
-    return JobLog(job_id=job.id, size=start + len(piece.data), content=piece.data, kept_at=utcnow())
+    content = piece.data
+    if start > 0:  # cut in the middle of a line: keep from the next whole one
+        newline = content.find(b"\n", 0, LINE_SEARCH_BYTES)
+        if newline >= 0:
+            content = content[newline + 1:]
+    return JobLog(job_id=job.id, size=start + len(piece.data), content=content, kept_at=utcnow())
 
 
 def read_run_log(session: Session, engine: "PipelineEngine", job: TrainingJob, offset: int | None,

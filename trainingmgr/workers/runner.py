@@ -313,10 +313,7 @@ class Worker:
         while not self._stop.is_set():
             dbapi = None
             try:
-                with self.app.app_context():
-                    pooled = db.engine.raw_connection()
-                dbapi = pooled.driver_connection
-                pooled.detach()  # a connection of its own, out of the pool: LISTEN lasts as long as it does
+                dbapi = self._listen_connection()
                 dbapi.autocommit = True
                 with dbapi.cursor() as cursor:
                     cursor.execute(f"LISTEN {WORK_CHANNEL}")
@@ -343,6 +340,16 @@ class Worker:
                         dbapi.close()  # directly: the pool would try to reset a connection it no longer has
                     except Exception:  # noqa: BLE001 - closing a broken connection says nothing new
                         pass
+
+    def _listen_connection(self) -> Any:
+        """A connection of its own (LISTEN lasts as long as it does), outside the pool, with TCP keepalives: a
+        connection that dies without a word (a host or a network gone) is noticed within about a minute."""
+        with self.app.app_context():
+            engine = db.engine
+        cargs, cparams = engine.dialect.create_connect_args(engine.url)
+        cparams.setdefault("connect_timeout", 10)
+        return engine.dialect.loaded_dbapi.connect(*cargs, **cparams, keepalives=1, keepalives_idle=30,
+                                                   keepalives_interval=10, keepalives_count=3)
 
     def _heartbeat(self) -> None:
         # Keep the leases of long steps (a big extraction) alive while this process is.
