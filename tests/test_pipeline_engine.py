@@ -80,13 +80,18 @@ def make_engine(tmp_path: Path):
     """Engines on a fresh runs folder; every run still going at the end is terminated."""
     engines: list[LocalPipelineEngine] = []
 
-    def make(max_concurrent: int = 4, **options) -> LocalPipelineEngine:
+    def make(max_concurrent: int = 4, *, warm: bool = False, **options) -> LocalPipelineEngine:
         engine = LocalPipelineEngine(tmp_path / "runs", max_concurrent, **options)
         engines.append(engine)
+        if warm:  # runs are forked by the warm runner, once it is ready (as after a service's first run)
+            engine.start_warm_runner()
+            engine.launcher.start()
+            wait_for_warm_runner(engine)
         return engine
 
     yield make
     for engine in engines:
+        engine.stop_warm_runner()
         if engine.runs_dir.is_dir():
             for run_dir in engine.runs_dir.iterdir():
                 if (run_dir / "pid").is_file():
@@ -97,6 +102,19 @@ def make_engine(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def wait_for_warm_runner(engine: LocalPipelineEngine, timeout: float = RUN_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not Path(engine.launcher.socket_path).exists():
+        assert engine.launcher.process.poll() is None, "the warm runner exited"
+        assert time.monotonic() < deadline, "the warm runner was not ready (it imports kfp)"
+        time.sleep(0.05)
+
+
+def parent_of(pid: int) -> int:
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return int(raw[raw.rfind(")") + 2 :].split()[1])
+
+
 def wait_for(engine: LocalPipelineEngine, run_id: str, timeout: float = RUN_TIMEOUT) -> RunStatus:
     deadline = time.monotonic() + timeout
     while True:
@@ -161,8 +179,9 @@ def test_a_failing_listener_changes_nothing_for_the_run(make_engine, pipelines):
     assert wait_for(engine, run_id).state == "SUCCEEDED"
 
 
-def test_a_run_succeeds_with_its_model_folder_and_metrics(make_engine, pipelines):
-    engine = make_engine()
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_a_run_succeeds_with_its_model_folder_and_metrics(make_engine, pipelines, warm):
+    engine = make_engine(warm=warm)
     assert engine.register_version("succeeding", 1, pipelines["succeeding"], "") is None
     started = datetime.now(timezone.utc)
     run_id = engine.start_run("run-ok_1", pipelines["succeeding"], None, {"featurepath": "cells_7", "epochs": "3"})
@@ -183,8 +202,9 @@ def test_a_run_succeeds_with_its_model_folder_and_metrics(make_engine, pipelines
     assert engine.run_status(run_id) == status
 
 
-def test_a_failing_task_fails_the_run_with_its_error_without_colours(make_engine, pipelines):
-    engine = make_engine()
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_a_failing_task_fails_the_run_with_its_error_without_colours(make_engine, pipelines, warm):
+    engine = make_engine(warm=warm)
     run_id = engine.start_run("run-fail", pipelines["failing"], None, {"message": "disk full"})
     status = wait_for(engine, run_id)
     assert status.state == "FAILED"
@@ -229,8 +249,9 @@ def test_string_parameters_are_converted_to_the_declared_types(make_engine, pipe
     assert status.state == "FAILED" and "seconds" in status.error
 
 
-def test_runs_go_in_parallel(make_engine, pipelines):
-    engine = make_engine(max_concurrent=3)
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_runs_go_in_parallel(make_engine, pipelines, warm):
+    engine = make_engine(max_concurrent=3, warm=warm)
     ids = [f"par-{i}" for i in range(3)]
     for i, run_id in enumerate(ids):
         engine.start_run(run_id, pipelines["succeeding"], None, {"featurepath": f"fg_{i}", "epochs": str(i + 1)})
@@ -244,8 +265,9 @@ def test_runs_go_in_parallel(make_engine, pipelines):
 
 
 # ---------------------------------------------------------------------------------------------------- terminate, lost runs
-def test_terminate_kills_the_whole_process_group_and_the_run_reads_terminated(make_engine, pipelines):
-    engine = make_engine(max_concurrent=2, terminate_grace=3.0)
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_terminate_kills_the_whole_process_group_and_the_run_reads_terminated(make_engine, pipelines, warm):
+    engine = make_engine(max_concurrent=2, terminate_grace=3.0, warm=warm)
     run_id = engine.start_run("run-term", pipelines["sleeping"], None, {"seconds": "30"})
     wait_until_task_runs(engine, run_id)
     pgid = pid_of(engine, run_id)
@@ -270,8 +292,9 @@ def test_terminate_leaves_a_finished_run_as_it_was(make_engine, pipelines):
     assert engine.run_status(run_id) == status and status.state == "SUCCEEDED"
 
 
-def test_a_run_whose_process_was_killed_reads_as_lost(make_engine, pipelines):
-    engine = make_engine()
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_a_run_whose_process_was_killed_reads_as_lost(make_engine, pipelines, warm):
+    engine = make_engine(warm=warm)
     run_id = engine.start_run("run-lost", pipelines["sleeping"], None, {"seconds": "30"})
     wait_until_task_runs(engine, run_id)
     pgid = pid_of(engine, run_id)
@@ -398,3 +421,44 @@ def test_a_pipeline_file_that_is_missing_or_not_a_pipeline_is_refused(make_engin
     with pytest.raises(AdapterError):
         engine.start_run("bad-file", not_yaml, None, {})
     assert not (engine.runs_dir / "bad-file").exists()
+
+
+def test_a_warm_run_is_forked_by_the_warm_runner_and_one_started_without_it_is_cold(make_engine, pipelines, tmp_path):
+    engine = make_engine(warm=True)
+    launcher = engine.launcher.process.pid
+    run_id = engine.start_run("run-warm", pipelines["sleeping"], None, {"seconds": "30"})
+    wait_until_task_runs(engine, run_id)
+    pid = pid_of(engine, run_id)
+    assert parent_of(pid) == launcher, "forked by the warm runner, not started as a new interpreter"
+    assert os.getpgid(pid) == pid, "in a session of its own: terminable as a group, outliving the service"
+    assert os.readlink(f"/proc/{pid}/cwd") == str(engine.runs_dir / run_id)
+    # The warm runner goes away (killed, or idle for long): the next run starts cold, and it comes back.
+    engine.launcher.process.kill()
+    engine.launcher.process.wait(10)
+    cold_id = engine.start_run("run-cold", pipelines["succeeding"], None, {"featurepath": "f"})
+    assert parent_of(pid_of(engine, cold_id)) == os.getpid(), "started as a process of this one"
+    assert wait_for(engine, cold_id).state == "SUCCEEDED"
+    assert engine.run_status(run_id).state == "RUNNING", "a warm runner's death leaves its runs running"
+    wait_for_warm_runner(engine)
+    again = engine.start_run("run-warm-again", pipelines["succeeding"], None, {"featurepath": "f"})
+    assert parent_of(pid_of(engine, again)) == engine.launcher.process.pid
+    assert wait_for(engine, again).state == "SUCCEEDED"
+
+
+def test_the_warm_runner_starts_with_the_first_run_so_an_idle_service_does_not_keep_it(tmp_path, pipelines):
+    engine = LocalPipelineEngine(tmp_path / "runs", 2)
+    try:
+        engine.start_warm_runner()
+        assert engine.launcher.process is None, "enabled, not started: nothing runs yet"
+        first = engine.start_run("run-first", pipelines["succeeding"], None, {"featurepath": "f"})
+        assert parent_of(pid_of(engine, first)) == os.getpid(), "the first run starts cold"
+        assert engine.launcher.process is not None and engine.launcher.process.poll() is None
+        assert wait_for(engine, first).state == "SUCCEEDED"
+        wait_for_warm_runner(engine)
+        second = engine.start_run("run-second", pipelines["succeeding"], None, {"featurepath": "f"})
+        assert parent_of(pid_of(engine, second)) == engine.launcher.process.pid, "later runs start warm"
+        assert wait_for(engine, second).state == "SUCCEEDED"
+    finally:
+        engine.stop_warm_runner()
+        for process in list(engine._children.values()):
+            process.wait(timeout=10)

@@ -141,6 +141,12 @@ class PipelineEngine(abc.ABC):
     def ready(self) -> bool:
         return True
 
+    def start_warm_runner(self) -> None:
+        """Get ready to start runs fast (the local engine's fork server); nothing to do for most engines."""
+
+    def stop_warm_runner(self) -> None:
+        """Stop what start_warm_runner started; the runs it started go on."""
+
     def listen_for_run_ends(self, listener: Callable[[str], None] | None) -> None:
         """An engine that learns of a run's end as it happens calls listener(run_id) then, so the run is looked at
         at once; the others are only looked at every watch_interval (the default: nothing to do). None: stop."""

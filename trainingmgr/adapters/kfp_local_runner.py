@@ -95,6 +95,12 @@ def run(run_dir: Path) -> dict[str, Any]:
 def main() -> None:
     run_dir = Path(sys.argv[1])
     done_fd = int(sys.argv[2]) if len(sys.argv) > 2 else None  # the service's "result written" pipe
+    run_and_report(run_dir, done_fd)
+
+
+def run_and_report(run_dir: Path, done_fd: int | None) -> None:
+    """Run, write result.json, then close `done_fd`: in a process of its own (this module's main, or a child the
+    warm launcher forked)."""
     try:
         result = run(run_dir)
     except Exception as e:  # a broken pipeline file or parameters: the run failed, say why

@@ -12,6 +12,7 @@ kfp.local has no registry: the service keeps pipelines itself, so register_versi
 """
 from __future__ import annotations
 
+import array
 import fcntl
 import json
 import logging
@@ -19,10 +20,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,12 +39,85 @@ log = logging.getLogger(__name__)
 
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 RUNNER_MODULE = "trainingmgr.adapters.kfp_local_runner"
+LAUNCHER_MODULE = "trainingmgr.adapters.run_launcher"
 LOST = "the run's process ended without a result"
 TERMINATED = "terminated"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # How much of the end of output.log is searched for the failed task's exception.
 LOG_TAIL_BYTES = 64 * 1024
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)
+
+
+# ------------------------------------------------------------------------------------------- the warm launcher
+class WarmLauncher:
+    """This engine's fork server (trainingmgr.adapters.run_launcher), asked to fork each run; launch() answers None
+    whenever it cannot, and the run then starts cold.
+
+    Enabled by start_warm_runner, it starts with the first run (which starts cold) and ends after 15 minutes
+    without one: an idle service does not keep kfp in memory (about 95 MB a launcher), a busy one starts its runs
+    in milliseconds."""
+
+    ready_timeout = 5.0  # a request the launcher does not answer within this is given up (the run starts cold)
+
+    def __init__(self, runs_dir: Path):
+        self.runs_dir = runs_dir
+        self.enabled = False
+        self.process: subprocess.Popen[bytes] | None = None
+        self.socket_path = ""
+
+    def start(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            return
+        if self.socket_path:  # a launcher that was killed leaves its socket file
+            Path(self.socket_path).unlink(missing_ok=True)
+        # A short path: a Unix socket's is limited to 107 bytes, and a run folder's may be longer.
+        self.socket_path = os.path.join(tempfile.gettempdir(), f"tm-launcher-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.runs_dir / ".launcher.log", "ab") as output:
+            self.process = subprocess.Popen([sys.executable, "-m", LAUNCHER_MODULE, self.socket_path],
+                                            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                            env=env, close_fds=True)
+
+    def launch(self, run_dir: Path, done_write: int) -> int | None:
+        """The pid of the run the launcher forked, or None (not enabled, not ready yet, no answer)."""
+        if not self.enabled:
+            return None  # start_warm_runner was not called: every run starts cold
+        self.start()  # at the first run, or after it ended (idle, killed): for the runs after this one
+        if not os.path.exists(self.socket_path):
+            return None  # still importing kfp
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+                connection.settimeout(self.ready_timeout)
+                connection.connect(self.socket_path)
+                request = json.dumps({"run_dir": str(run_dir)}).encode() + b"\n"
+                connection.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [done_write]))])
+                answer = b""
+                while not answer.endswith(b"\n"):
+                    chunk = connection.recv(4096)
+                    if not chunk:
+                        break
+                    answer += chunk
+            pid = json.loads(answer or b"{}").get("pid")
+        except (OSError, ValueError) as e:
+            log.warning("the warm launcher did not answer; the run starts cold", extra={"error": str(e)})
+            pid = None
+        if pid is None and (run_dir / "pid").exists():  # it forked the run, and its answer was lost
+            pid = int((run_dir / "pid").read_text())
+        return pid if isinstance(pid, int) and pid > 0 else None
+
+    def stop(self) -> None:
+        self.enabled = False
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
 
 
 # ------------------------------------------------------------------------------------------- processes
@@ -61,7 +138,8 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
 
 
 def _process_runs(pid: int, run_dir: Path) -> bool:
-    """True when `pid` is a live (not zombie) process whose command line names `run_dir` (guards against pid reuse)."""
+    """True when `pid` is a live (not zombie) process whose command line names `run_dir`, or whose working folder
+    it is (guards against pid reuse)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -75,9 +153,12 @@ def _process_runs(pid: int, run_dir: Path) -> bool:
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if os.fsencode(str(run_dir)) in cmdline:
+            return True
+        # A run the warm launcher forked carries the launcher's command line; it works in its run folder.
+        return os.readlink(f"/proc/{pid}/cwd") == str(run_dir)
     except OSError:
         return False
-    return os.fsencode(str(run_dir)) in cmdline
 
 
 def _group_alive(pgid: int) -> bool:
@@ -145,10 +226,11 @@ class LocalPipelineEngine(PipelineEngine):
     # interval only paces the looks at runs that another process started, or that were started before a restart.
     watch_interval = 1.0
 
-    def __init__(self, runs_dir: Path, max_concurrent: int, *, terminate_grace: float = 5.0):
+    def __init__(self, runs_dir: Path, max_concurrent: int, *, terminate_grace: float = 5.0, warm: bool = True):
         self.runs_dir = Path(runs_dir).resolve()
         self.max_concurrent = max_concurrent
         self.terminate_grace = terminate_grace
+        self.launcher = WarmLauncher(self.runs_dir) if warm else None
         self._lock = threading.RLock()
         # Runners this process started and has not reaped yet (reaping makes a finished runner's pid vanish).
         self._children: dict[str, subprocess.Popen[bytes]] = {}
@@ -184,29 +266,43 @@ class LocalPipelineEngine(PipelineEngine):
             # the end then, not after the runner's interpreter has torn down kfp, pandas and the rest.
             done_read, done_write = os.pipe()
             try:
-                with open(run_dir / "output.log", "ab") as output:
-                    process = subprocess.Popen(
-                        [sys.executable, "-m", RUNNER_MODULE, str(run_dir), str(done_write)],
-                        stdin=subprocess.DEVNULL,
-                        stdout=output,
-                        stderr=subprocess.STDOUT,
-                        cwd=run_dir,
-                        env=env,
-                        close_fds=True,
-                        pass_fds=(done_write,),
-                        start_new_session=True,  # survives a restart of the service; terminate kills the group
-                    )
+                pid = self.launcher.launch(run_dir, done_write) if self.launcher is not None else None
+                warm = pid is not None
+                if pid is None:  # no launcher answered: a process of its own, started cold
+                    with open(run_dir / "output.log", "ab") as output:
+                        process = subprocess.Popen(
+                            [sys.executable, "-m", RUNNER_MODULE, str(run_dir), str(done_write)],
+                            stdin=subprocess.DEVNULL,
+                            stdout=output,
+                            stderr=subprocess.STDOUT,
+                            cwd=run_dir,
+                            env=env,
+                            close_fds=True,
+                            pass_fds=(done_write,),
+                            start_new_session=True,  # survives a restart of the service; terminate kills the group
+                        )
+                    self._children[run_id] = process
+                    pid = process.pid
             except OSError as e:
                 os.close(done_read)
                 raise AdapterError(f"the run could not start: {e}", retryable=True) from None
             finally:
                 os.close(done_write)
-            self._children[run_id] = process
-            _write_atomic(run_dir / "pid", str(process.pid))
+            _write_atomic(run_dir / "pid", str(pid))
         threading.Thread(target=self._announce_end, args=(run_id, done_read), name=f"tm-run-{run_id}",
                          daemon=True).start()
-        log.info("pipeline run started", extra={"run_id": run_id, "pid": process.pid})
+        log.info("pipeline run started", extra={"run_id": run_id, "pid": pid, "warm": warm})
         return run_id
+
+    def start_warm_runner(self) -> None:
+        """Runs are forked by a warm launcher from now on (it starts with the first run: see WarmLauncher). Called
+        from a thread that lives as long as the engine is used: the launcher ends with the thread that started it."""
+        if self.launcher is not None:
+            self.launcher.enabled = True
+
+    def stop_warm_runner(self) -> None:
+        if self.launcher is not None:
+            self.launcher.stop()
 
     def listen_for_run_ends(self, listener: Callable[[str], None] | None) -> None:
         self._run_end_listener = listener

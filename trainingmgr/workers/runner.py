@@ -136,6 +136,7 @@ class Worker:
         for adapter in ("engine", "extractor", "object_store", "notifier"):
             getattr(self.container, adapter)
         self.container.engine.listen_for_run_ends(self.run_ended)
+        self.container.engine.start_warm_runner()
         self.recover()
         steps, notify = self.pools
         loops = [(f"{self.name}:{i}", f"tm-worker-{i}", steps) for i in range(self.threads)]
@@ -157,6 +158,7 @@ class Worker:
 
     def stop(self, timeout: float = 10.0) -> None:
         self.container.engine.listen_for_run_ends(None)
+        self.container.engine.stop_warm_runner()
         self._stop.set()
         for pool in self.pools:
             pool.wake_all()

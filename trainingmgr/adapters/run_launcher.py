@@ -1,0 +1,180 @@
+"""A warm start for pipeline runs: `python -m trainingmgr.adapters.run_launcher SOCKET` imports kfp once, then forks
+one process per run on request, so a run starts in milliseconds instead of an interpreter's start and kfp's import
+(about 0.6 s alone, seconds when several start at once on a loaded machine).
+
+Each run is still a process of its own, in a session of its own (terminable as a group, outliving the service),
+whose cwd is its run folder and whose stdout and stderr go to the folder's output.log: the same as a run started
+with `python -m trainingmgr.adapters.kfp_local_runner RUN_DIR`, which the engine falls back to when no launcher
+answers.
+
+The protocol, over a Unix stream socket: the engine sends one line, `{"run_dir": ...}\\n`, with the write end of its
+"result written" pipe attached (SCM_RIGHTS); the launcher answers `{"pid": N}\\n`, or `{"error": ...}\\n`.
+
+The launcher holds no thread (fork copies only the calling thread), reaps its children, ends with its parent (the
+process whose engine started it) and after IDLE_SECONDS without a run.
+"""
+from __future__ import annotations
+
+import array
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+IDLE_SECONDS = 15 * 60  # a launcher no one asked for this long ends, and gives its memory back
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+def _reap(*_: object) -> None:
+    """SIGCHLD: collect every ended child (runs end in any order)."""
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def receive(connection: socket.socket) -> tuple[dict, int | None]:
+    """One request line and the file descriptor sent with it (None when none came)."""
+    fds = array.array("i")
+    data = b""
+    while not data.endswith(b"\n"):
+        message, ancillary, _flags, _address = connection.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
+        if not message:
+            break
+        data += message
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        if len(data) > MAX_REQUEST_BYTES:
+            break
+    done_fd = fds[0] if fds else None
+    for extra in fds[1:]:
+        os.close(extra)
+    return json.loads(data or b"{}"), done_fd
+
+
+def _run_child(run_dir: Path, done_fd: int | None, listener: socket.socket, connection: socket.socket,
+               settled: int) -> None:
+    """In the forked child: become the run (its own session, its folder, its log) and never return."""
+    code = 1
+    try:
+        listener.close()
+        connection.close()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # kfp.local waits for its own task processes
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.setsid()
+        log = os.open(run_dir / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.chdir(run_dir)
+        os.write(settled, b"1")
+        os.close(settled)
+        from .kfp_local_runner import run_and_report
+
+        run_and_report(run_dir, done_fd)
+        code = 0
+    except BaseException:  # noqa: BLE001 - whatever happens, the child must not go back to the launcher's loop
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def serve(socket_path: str) -> None:
+    # Warm: what every run needs, imported once, before any fork.
+    from kfp import local  # noqa: F401
+    from kfp.components import load_component_from_file  # noqa: F401
+
+    from . import kfp_local_runner  # noqa: F401
+
+    signal.signal(signal.SIGCHLD, _reap)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    Path(socket_path).unlink(missing_ok=True)
+    listener.bind(socket_path)
+    os.chmod(socket_path, 0o600)
+    listener.listen(16)
+    listener.settimeout(60)
+    print("ready", flush=True)  # the engine waits for this line
+    last_request = time.monotonic()
+    try:
+        while time.monotonic() - last_request < IDLE_SECONDS:
+            try:
+                connection, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except InterruptedError:
+                continue
+            last_request = time.monotonic()
+            with connection:
+                connection.settimeout(10)
+                done_fd = None
+                try:
+                    request, done_fd = receive(connection)
+                    run_dir = Path(request["run_dir"])
+                    if threading.active_count() != 1:  # a thread would not survive the fork, and may hold a lock
+                        raise RuntimeError("the launcher has threads: it cannot fork safely")
+                    settled_read, settled_write = os.pipe()
+                    pid = os.fork()
+                    if pid == 0:
+                        os.close(settled_read)
+                        _run_child(run_dir, done_fd, listener, connection, settled_write)
+                    os.close(settled_write)
+                    # Until the child works in its run folder, nothing shows it is the run (the engine checks
+                    # the folder): its pid is given out only once it does.
+                    with os.fdopen(settled_read, "rb") as settled:
+                        if not select.select([settled], [], [], 10)[0] or settled.read(1) != b"1":
+                            os.kill(pid, signal.SIGKILL)  # the engine starts the run cold: never two of it
+                            raise RuntimeError("the forked run did not settle in its folder")
+                    # Written before answering: an engine that misses the answer finds the run started all the same
+                    # (and does not start it twice).
+                    (run_dir / "pid.tmp").write_text(str(pid))
+                    os.replace(run_dir / "pid.tmp", run_dir / "pid")
+                    answer = {"pid": pid}
+                except Exception as e:  # noqa: BLE001 - the engine falls back to a cold start
+                    answer = {"error": f"{e.__class__.__name__}: {e}"}
+                finally:
+                    if done_fd is not None:
+                        os.close(done_fd)  # the child has its copy: the engine learns of the end from it alone
+                try:
+                    connection.sendall(json.dumps(answer).encode() + b"\n")
+                except OSError:
+                    pass
+    finally:
+        listener.close()
+        Path(socket_path).unlink(missing_ok=True)
+
+
+def main() -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so its socket file is removed
+    serve(sys.argv[1])
+
+
+if __name__ == "__main__":
+    main()
