@@ -462,3 +462,54 @@ def test_the_warm_runner_starts_with_the_first_run_so_an_idle_service_does_not_k
         engine.stop_warm_runner()
         for process in list(engine._children.values()):
             process.wait(timeout=10)
+
+
+def test_a_launcher_that_answers_too_late_does_not_start_the_run_a_second_time(make_engine, pipelines):
+    """The engine gives up waiting and starts the run cold; the launcher, when it gets to the request, finds the
+    run's start taken and forks nothing (before: both started it, in one folder)."""
+    engine = make_engine(warm=True)
+    engine.launcher.answer_timeout = 1.0
+    launcher = engine.launcher.process.pid
+    os.kill(launcher, signal.SIGSTOP)  # as a launcher stalled on a loaded machine
+    try:
+        run_id = engine.start_run("run-late", pipelines["succeeding"], None, {"featurepath": "f"})
+    finally:
+        os.kill(launcher, signal.SIGCONT)
+    pid = pid_of(engine, run_id)
+    assert parent_of(pid) == os.getpid(), "started cold, once the launcher did not answer"
+    assert wait_for(engine, run_id).state == "SUCCEEDED"
+    time.sleep(1.0)  # the launcher handles the stale request now
+    assert pid_of(engine, run_id) == pid
+    log = (engine.runs_dir / run_id / "output.log").read_text()
+    assert log.count("Running pipeline") == 1, log
+    assert "run's start was taken" not in log
+    children = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid_or_none(int(p.name)) == launcher]
+    assert children == [], "the launcher forked nothing for it"
+
+
+def _ppid_or_none(pid: int) -> int | None:
+    try:
+        return parent_of(pid)
+    except OSError:
+        return None
+
+
+def test_the_launchers_socket_is_private_and_only_the_launcher_is_believed(make_engine, pipelines, tmp_path):
+    import socket
+    import stat
+
+    engine = make_engine(warm=True)
+    folder = Path(engine.launcher.folder)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and folder.stat().st_uid == os.getuid()
+    assert stat.S_IMODE(Path(engine.launcher.socket_path).stat().st_mode) == 0o600
+    # Another process answering at the launcher's address is not believed: the run starts cold.
+    Path(engine.launcher.socket_path).unlink()
+    impostor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    impostor.bind(engine.launcher.socket_path)
+    impostor.listen(1)
+    try:
+        run_id = engine.start_run("run-impostor", pipelines["succeeding"], None, {"featurepath": "f"})
+        assert parent_of(pid_of(engine, run_id)) == os.getpid()
+        assert wait_for(engine, run_id).state == "SUCCEEDED"
+    finally:
+        impostor.close()

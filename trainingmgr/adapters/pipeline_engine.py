@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from typing import Callable, Iterator
 
 from .base import AdapterError, PipelineEngine, RunLog, RunStatus
 from .pipeline_files import load_spec, run_parameters
+from .run_launcher import SETTLE_SECONDS, STARTER, claim_start, start_claimer
 
 log = logging.getLogger(__name__)
 
@@ -51,47 +53,62 @@ _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)
 # ------------------------------------------------------------------------------------------- the warm launcher
 class WarmLauncher:
     """This engine's fork server (trainingmgr.adapters.run_launcher), asked to fork each run; launch() answers None
-    whenever it cannot, and the run then starts cold.
+    whenever it cannot, and the run then starts cold (the run's STARTER file decides who starts it: never both).
 
     Enabled by start_warm_runner, it starts with the first run (which starts cold) and ends after 15 minutes
     without one: an idle service does not keep kfp in memory (about 95 MB a launcher), a busy one starts its runs
-    in milliseconds."""
+    in milliseconds. Its socket is in a folder of its own (mode 0700), and its answers count only from it (the
+    peer's pid, checked with SO_PEERCRED)."""
 
-    ready_timeout = 5.0  # a request the launcher does not answer within this is given up (the run starts cold)
+    answer_timeout = 5.0  # a request the launcher does not answer within this is given up (the run starts cold)
 
     def __init__(self, runs_dir: Path):
         self.runs_dir = runs_dir
         self.enabled = False
         self.process: subprocess.Popen[bytes] | None = None
-        self.socket_path = ""
+        self.folder = ""  # the socket's private folder
+        self._lock = threading.Lock()
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.folder, "socket") if self.folder else ""
 
     def start(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            return
-        if self.socket_path:  # a launcher that was killed leaves its socket file
-            Path(self.socket_path).unlink(missing_ok=True)
-        # A short path: a Unix socket's is limited to 107 bytes, and a run folder's may be longer.
-        self.socket_path = os.path.join(tempfile.gettempdir(), f"tm-launcher-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-        env["PYTHONUNBUFFERED"] = "1"
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.runs_dir / ".launcher.log", "ab") as output:
-            self.process = subprocess.Popen([sys.executable, "-m", LAUNCHER_MODULE, self.socket_path],
-                                            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                                            env=env, close_fds=True)
+        with self._lock:
+            if not self.enabled or (self.process is not None and self.process.poll() is None):
+                return
+            self._remove_folder()  # a launcher that was killed leaves its socket
+            # mkdtemp: 0700, a name nobody can take first; short, as a Unix socket's path is limited to 107 bytes.
+            self.folder = tempfile.mkdtemp(prefix="tm-launcher-")
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+            env["PYTHONUNBUFFERED"] = "1"
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.runs_dir / ".launcher.log", "ab") as output:
+                self.process = subprocess.Popen([sys.executable, "-m", LAUNCHER_MODULE, self.socket_path],
+                                                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                                env=env, close_fds=True)
 
     def launch(self, run_dir: Path, done_write: int) -> int | None:
         """The pid of the run the launcher forked, or None (not enabled, not ready yet, no answer)."""
-        if not self.enabled:
-            return None  # start_warm_runner was not called: every run starts cold
-        self.start()  # at the first run, or after it ended (idle, killed): for the runs after this one
-        if not os.path.exists(self.socket_path):
-            return None  # still importing kfp
+        try:
+            self.start()  # at the first run, or after it ended (idle, killed): for the runs after this one
+        except OSError as e:
+            log.warning("the warm launcher could not start; runs start cold", extra={"error": str(e)})
+            return None
+        process, path = self.process, self.socket_path
+        if process is None or not path or not os.path.exists(path):
+            return None  # not enabled, or still importing kfp
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-                connection.settimeout(self.ready_timeout)
-                connection.connect(self.socket_path)
+                connection.settimeout(self.answer_timeout)
+                connection.connect(path)
+                peer, _uid, _gid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                             struct.calcsize("3i")))
+                if peer != process.pid:
+                    log.error("the warm launcher's socket is held by another process; runs start cold",
+                              extra={"pid": peer})
+                    return None
                 request = json.dumps({"run_dir": str(run_dir)}).encode() + b"\n"
                 connection.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [done_write]))])
                 answer = b""
@@ -103,21 +120,26 @@ class WarmLauncher:
             pid = json.loads(answer or b"{}").get("pid")
         except (OSError, ValueError) as e:
             log.warning("the warm launcher did not answer; the run starts cold", extra={"error": str(e)})
-            pid = None
-        if pid is None and (run_dir / "pid").exists():  # it forked the run, and its answer was lost
-            pid = int((run_dir / "pid").read_text())
+            return None
         return pid if isinstance(pid, int) and pid > 0 else None
 
     def stop(self) -> None:
-        self.enabled = False
-        process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        with self._lock:
+            self.enabled = False
+            process, self.process = self.process, None
+            if process is not None and process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(5)
+            self._remove_folder()
+
+    def _remove_folder(self) -> None:
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = ""
 
 
 # ------------------------------------------------------------------------------------------- processes
@@ -159,6 +181,19 @@ def _process_runs(pid: int, run_dir: Path) -> bool:
         return os.readlink(f"/proc/{pid}/cwd") == str(run_dir)
     except OSError:
         return False
+
+
+def _pid_alive(pid: int) -> bool:
+    stat = _proc_stat(pid) if Path("/proc").is_dir() else None
+    if stat is not None:
+        return stat[0] not in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _group_alive(pgid: int) -> bool:
@@ -268,7 +303,9 @@ class LocalPipelineEngine(PipelineEngine):
             try:
                 pid = self.launcher.launch(run_dir, done_write) if self.launcher is not None else None
                 warm = pid is not None
-                if pid is None:  # no launcher answered: a process of its own, started cold
+                if pid is None:
+                    pid = self._started_by_the_launcher(run_dir)
+                if pid is None:  # nobody started it: a process of its own, started cold
                     with open(run_dir / "output.log", "ab") as output:
                         process = subprocess.Popen(
                             [sys.executable, "-m", RUNNER_MODULE, str(run_dir), str(done_write)],
@@ -285,7 +322,11 @@ class LocalPipelineEngine(PipelineEngine):
                     pid = process.pid
             except OSError as e:
                 os.close(done_read)
+                (run_dir / STARTER).unlink(missing_ok=True)  # a later try may start it
                 raise AdapterError(f"the run could not start: {e}", retryable=True) from None
+            except AdapterError:
+                os.close(done_read)
+                raise
             finally:
                 os.close(done_write)
             _write_atomic(run_dir / "pid", str(pid))
@@ -293,6 +334,24 @@ class LocalPipelineEngine(PipelineEngine):
                          daemon=True).start()
         log.info("pipeline run started", extra={"run_id": run_id, "pid": pid, "warm": warm})
         return run_id
+
+    def _started_by_the_launcher(self, run_dir: Path) -> int | None:
+        """When the launcher took the run's start without answering (slow, stopped, killed): its run's pid once the
+        run has settled; None once this process has taken the start instead (the run then starts cold here)."""
+        deadline = time.monotonic() + SETTLE_SECONDS + 5
+        while True:
+            if claim_start(run_dir, os.getpid()):
+                return None
+            if (run_dir / "pid").exists():
+                return self._pid(run_dir)
+            claimer = start_claimer(run_dir)
+            if claimer is None or claimer == os.getpid() or not _pid_alive(claimer):
+                # Taken by a process gone without starting the run (or by an earlier try of ours): take it over.
+                (run_dir / STARTER).unlink(missing_ok=True)
+                continue
+            if time.monotonic() > deadline:
+                raise AdapterError("the warm launcher took the run's start and has not started it", retryable=True)
+            time.sleep(0.05)
 
     def start_warm_runner(self) -> None:
         """Runs are forked by a warm launcher from now on (it starts with the first run: see WarmLauncher). Called

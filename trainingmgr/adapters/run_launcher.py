@@ -7,8 +7,10 @@ whose cwd is its run folder and whose stdout and stderr go to the folder's outpu
 with `python -m trainingmgr.adapters.kfp_local_runner RUN_DIR`, which the engine falls back to when no launcher
 answers.
 
-The protocol, over a Unix stream socket: the engine sends one line, `{"run_dir": ...}\\n`, with the write end of its
-"result written" pipe attached (SCM_RIGHTS); the launcher answers `{"pid": N}\\n`, or `{"error": ...}\\n`.
+The protocol, over a Unix stream socket in a folder only this user may enter: the engine sends one line,
+`{"run_dir": ...}\\n`, with the write end of its "result written" pipe attached (SCM_RIGHTS); the launcher takes
+the run's start (STARTER), forks, and answers `{"pid": N}\\n` once the child works in its folder and has written
+its pid file, or `{"error": ...}\\n`.
 
 The launcher holds no thread (fork copies only the calling thread), reaps its children, ends with its parent (the
 process whose engine started it) and after IDLE_SECONDS without a run.
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 IDLE_SECONDS = 15 * 60  # a launcher no one asked for this long ends, and gives its memory back
+SETTLE_SECONDS = 10.0  # how long a forked run may take to settle in its folder (a loaded machine)
 MAX_REQUEST_BYTES = 64 * 1024
 
 
@@ -64,10 +67,48 @@ def receive(connection: socket.socket) -> tuple[dict, int | None]:
                 fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
         if len(data) > MAX_REQUEST_BYTES:
             break
-    done_fd = fds[0] if fds else None
     for extra in fds[1:]:
         os.close(extra)
-    return json.loads(data or b"{}"), done_fd
+    done_fd = fds[0] if fds else None
+    try:
+        request = json.loads(data or b"{}")
+        if not isinstance(request, dict) or not isinstance(request.get("run_dir"), str):
+            raise ValueError("a request is {\"run_dir\": ...}")
+    except ValueError:
+        if done_fd is not None:
+            os.close(done_fd)
+        raise
+    return request, done_fd
+
+
+# ------------------------------------------------------------------------------------------- who starts a run
+# The engine and its launcher may both try to start one run (the engine gives up waiting for an answer and starts
+# the run cold): whoever creates this file first starts it, the other does not.
+STARTER = ".starter"
+
+
+def claim_start(run_dir: Path, claimer: int) -> bool:
+    """Take the start of the run for process `claimer`; False when another process has taken it."""
+    try:
+        fd = os.open(run_dir / STARTER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as file:
+        file.write(str(claimer))
+    return True
+
+
+def start_claimer(run_dir: Path) -> int | None:
+    """The process that took the run's start, or None (nobody, or unreadable)."""
+    try:
+        return int((run_dir / STARTER).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def write_pid(run_dir: Path, pid: int) -> None:
+    (run_dir / "pid.tmp").write_text(str(pid))
+    os.replace(run_dir / "pid.tmp", run_dir / "pid")
 
 
 def _run_child(run_dir: Path, done_fd: int | None, listener: socket.socket, connection: socket.socket,
@@ -88,6 +129,8 @@ def _run_child(run_dir: Path, done_fd: int | None, listener: socket.socket, conn
         os.dup2(null, 0)
         os.close(null)
         os.chdir(run_dir)
+        # The run is known by its pid file from now on, even if the launcher goes away before it answers.
+        write_pid(run_dir, os.getpid())
         os.write(settled, b"1")
         os.close(settled)
         from .kfp_local_runner import run_and_report
@@ -106,6 +149,17 @@ def _run_child(run_dir: Path, done_fd: int | None, listener: socket.socket, conn
             os._exit(code)
 
 
+def _give_up(run_dir: Path, pid: int) -> None:
+    """A child that did not settle in time is killed and its claim dropped: the engine may start the run cold."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if (run_dir / "pid").exists() and (run_dir / "pid").read_text().strip() == str(pid):
+        (run_dir / "pid").unlink(missing_ok=True)
+    (run_dir / STARTER).unlink(missing_ok=True)
+
+
 def serve(socket_path: str) -> None:
     # Warm: what every run needs, imported once, before any fork.
     from kfp import local  # noqa: F401
@@ -116,14 +170,22 @@ def serve(socket_path: str) -> None:
     signal.signal(signal.SIGCHLD, _reap)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     Path(socket_path).unlink(missing_ok=True)
-    listener.bind(socket_path)
-    os.chmod(socket_path, 0o600)
+    # Only this user may ask for a run (it runs the pipeline a run folder names): the socket is created 0600, with
+    # no moment when it is more open.
+    previous_umask = os.umask(0o177)
+    try:
+        listener.bind(socket_path)
+    finally:
+        os.umask(previous_umask)
     listener.listen(16)
-    listener.settimeout(60)
-    print("ready", flush=True)  # the engine waits for this line
+    listener.settimeout(5)
+    parent = os.getppid()
+    print("ready", flush=True)
     last_request = time.monotonic()
     try:
         while time.monotonic() - last_request < IDLE_SECONDS:
+            if os.getppid() != parent:  # its service is gone (the parent-death signal may not have come)
+                break
             try:
                 connection, _ = listener.accept()
             except socket.timeout:
@@ -139,6 +201,8 @@ def serve(socket_path: str) -> None:
                     run_dir = Path(request["run_dir"])
                     if threading.active_count() != 1:  # a thread would not survive the fork, and may hold a lock
                         raise RuntimeError("the launcher has threads: it cannot fork safely")
+                    if not claim_start(run_dir, os.getpid()):  # the engine gave up on us and started it cold
+                        raise RuntimeError("the run's start was taken by another process")
                     settled_read, settled_write = os.pipe()
                     pid = os.fork()
                     if pid == 0:
@@ -148,13 +212,9 @@ def serve(socket_path: str) -> None:
                     # Until the child works in its run folder, nothing shows it is the run (the engine checks
                     # the folder): its pid is given out only once it does.
                     with os.fdopen(settled_read, "rb") as settled:
-                        if not select.select([settled], [], [], 10)[0] or settled.read(1) != b"1":
-                            os.kill(pid, signal.SIGKILL)  # the engine starts the run cold: never two of it
+                        if not select.select([settled], [], [], SETTLE_SECONDS)[0] or settled.read(1) != b"1":
+                            _give_up(run_dir, pid)
                             raise RuntimeError("the forked run did not settle in its folder")
-                    # Written before answering: an engine that misses the answer finds the run started all the same
-                    # (and does not start it twice).
-                    (run_dir / "pid.tmp").write_text(str(pid))
-                    os.replace(run_dir / "pid.tmp", run_dir / "pid")
                     answer = {"pid": pid}
                 except Exception as e:  # noqa: BLE001 - the engine falls back to a cold start
                     answer = {"error": f"{e.__class__.__name__}: {e}"}
