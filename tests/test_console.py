@@ -86,8 +86,20 @@ def find(driver: Any, css: str) -> list[Any]:
 
 
 def text_of(driver: Any, css: str) -> str:
-    elements = find(driver, css)
-    return elements[0].text.strip() if elements else ""
+    """The first match's text, read in one script: the page swaps its live sections while the test reads (a
+    WebElement found before a swap is stale after it)."""
+    return driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText.trim() : '';", css)
+
+
+def texts_of(driver: Any, css: str) -> list[str]:
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0])).map(e => e.innerText.trim());", css)
+
+
+def click(driver: Any, css: str, what: str | None = None) -> None:
+    """Click the first match, found again if a live refresh replaced it meanwhile."""
+    wait_until(lambda: find(driver, css)[0].click() or True, what or f"a click on {css}")
 
 
 def status_on_screen(driver: Any, job_id: int) -> str:
@@ -101,7 +113,7 @@ def wait_for_status(api: TrainingManagerClient, job_id: int, statuses: set[str],
 
 def cancel_on_screen(driver: Any) -> None:
     """Click the job page's Cancel button and confirm."""
-    wait_until(lambda: find(driver, "#cancel-job"), "the Cancel button")[0].click()
+    click(driver, "#cancel-job", "the Cancel button")
     wait_until(lambda: driver.switch_to.alert, "the confirmation").accept()
     wait_until(lambda: text_of(driver, "#job-status") == "CANCELLED", "the job shown CANCELLED", 60)
     assert not find(driver, "#cancel-job"), "an ended job offers no Cancel"
@@ -144,11 +156,11 @@ def test_a_job_appears_and_finishes_on_screen_and_its_page_shows_everything(open
     assert text_of(browser, f"{row} .duration") and text_of(browser, f"{row} .started")
     screenshot(browser, "jobs")
 
-    find(browser, f"tr[data-job-id='{job_id}'] td.id a")[0].click()
+    click(browser, f"tr[data-job-id='{job_id}'] td.id a")
     wait_until(lambda: browser.current_url.endswith(f"/console/jobs/{job_id}"), "the job page")
-    steps = wait_until(lambda: find(browser, "#steps-table tbody tr"), "the steps")
-    assert [s.find_element("css selector", ".state").text for s in steps] == ["FINISHED"] * 5
-    assert len(find(browser, "#events-table tbody tr")) >= 6, "creation and each step's moves"
+    states = wait_until(lambda: texts_of(browser, "#steps-table tbody tr .state"), "the steps")
+    assert states == ["FINISHED"] * 5
+    assert len(texts_of(browser, "#events-table tbody tr")) >= 6, "creation and each step's moves"
     assert "DATA_EXTRACTION" in text_of(browser, "#events-table")
     metrics = text_of(browser, "#metrics-table")
     assert "r2" in metrics and "rmse" in metrics, metrics
@@ -160,7 +172,7 @@ def test_a_job_appears_and_finishes_on_screen_and_its_page_shows_everything(open
     assert script_errors(browser) == []
     screenshot(browser, "job")
 
-    find(browser, "#download-model")[0].click()
+    click(browser, "#download-model")
     target = browser.downloads / "Model.zip"
     wait_until(lambda: target.exists() and not list(browser.downloads.glob("*.crdownload")), "Model.zip downloaded")
     with zipfile.ZipFile(target) as archive:
@@ -188,7 +200,7 @@ def test_the_new_job_form_creates_a_job(open_service, browser):
 
     url, api = open_service
     browser.get(f"{url}/console")
-    find(browser, "#new-job summary")[0].click()
+    click(browser, "#new-job summary")
     find(browser, "#job-model-name")[0].send_keys("formed")
     Select(find(browser, "#job-feature-group")[0]).select_by_value("cell_kpis")
     Select(find(browser, "#job-pipeline")[0]).select_by_value("qoe_training")
@@ -196,7 +208,7 @@ def test_the_new_job_form_creates_a_job(open_service, browser):
     find(browser, "#job-epochs")[0].send_keys("2")
     find(browser, "#job-description")[0].send_keys("made in the console")
     screenshot(browser, "new_job_form")
-    find(browser, "#new-job-form button[type=submit]")[0].click()
+    click(browser, "#new-job-form button[type=submit]")
     wait_until(lambda: "/console/jobs/" in browser.current_url, "the new job's page")
     job_id = int(browser.current_url.rsplit("/", 1)[1])
     job = api.job(job_id)
@@ -205,11 +217,11 @@ def test_the_new_job_form_creates_a_job(open_service, browser):
     wait_for_status(api, job_id, ENDED, JOB_SECONDS)
 
     browser.get(f"{url}/console")
-    find(browser, "#new-job summary")[0].click()
+    click(browser, "#new-job summary")
     find(browser, "#job-model-name")[0].send_keys("formed")
     find(browser, "#job-model-version")[0].clear()
     find(browser, "#job-model-version")[0].send_keys("1/2")
-    find(browser, "#new-job-form button[type=submit]")[0].click()
+    click(browser, "#new-job-form button[type=submit]")
     assert wait_until(lambda: text_of(browser, "#new-job-result.problem"), "the service's refusal shown")
     assert browser.current_url == f"{url}/console"
 
@@ -236,7 +248,7 @@ def test_feature_groups_show_the_token_masked(open_service, browser):
     assert "cell_kpis" in text_of(browser, "#feature-groups-table")
     assert INFLUX_TOKEN not in browser.page_source
     screenshot(browser, "feature_groups")
-    find(browser, "tr[data-name='influx_kpis'] a")[0].click()
+    click(browser, "tr[data-name='influx_kpis'] a")
     wait_until(lambda: text_of(browser, "#feature-group dd.token") == "****", "the group's page")
     assert "10.20.30.40" in text_of(browser, "#feature-group") and INFLUX_TOKEN not in browser.page_source
     screenshot(browser, "feature_group")
@@ -250,7 +262,7 @@ def test_pipelines_list_their_versions_and_the_form_uploads_one(open_service, br
     find(browser, "#pipeline-name")[0].send_keys("qoe_retraining")
     find(browser, "#pipeline-file")[0].send_keys(str(RETRAINING_YAML))
     find(browser, "#pipeline-description")[0].send_keys(HOSTILE_TEXT)
-    find(browser, "#upload-form button[type=submit]")[0].click()
+    click(browser, "#upload-form button[type=submit]")
     wait_until(lambda: "uploaded" in text_of(browser, "#upload-result"), "the upload's answer")
     after = api.pipeline_versions("qoe_retraining")
     assert len(after) == len(before) + 1
@@ -262,7 +274,7 @@ def test_pipelines_list_their_versions_and_the_form_uploads_one(open_service, br
 
     find(browser, "#pipeline-name")[0].send_keys("bad name!")
     find(browser, "#pipeline-file")[0].send_keys(str(RETRAINING_YAML))
-    find(browser, "#upload-form button[type=submit]")[0].click()
+    click(browser, "#upload-form button[type=submit]")
     wait_until(lambda: "Invalid pipeline name 'bad name!'" in text_of(browser, "#upload-result.problem"),
                "the service's refusal shown")
 
@@ -281,7 +293,7 @@ def token_service(tmp_path_factory):
 def log_in(driver: Any, url: str, token: str) -> None:
     driver.get(f"{url}/console/login")
     find(driver, "#token")[0].send_keys(token)
-    find(driver, "form button[type=submit]")[0].click()
+    click(driver, "form button[type=submit]")
 
 
 def test_login_reader_and_writer(token_service, browser):
@@ -318,7 +330,7 @@ def test_login_reader_and_writer(token_service, browser):
     assert session.post(cancel, headers={"Origin": url}, timeout=30).status_code == 403, "a reader's cookie"
     assert api.job(job_id)["status"] == "IN_PROGRESS"
 
-    find(browser, "header form button")[0].click()  # log out
+    click(browser, "header form button")  # log out
     wait_until(lambda: "/console/login" in browser.current_url and not browser.get_cookies(), "logged out")
     log_in(browser, url, tokens["writer"])
     wait_until(lambda: browser.current_url.endswith("/console"), "the jobs page after logging in")
