@@ -23,6 +23,7 @@ RETRY_AFTER_SECONDS = 5  # what a 503 asks clients to wait before they try again
 class ApiError(Exception):
     status = 500
     title = "Internal Server Error"
+    log_level = logging.ERROR  # how a 5xx of this kind is logged
 
     def __init__(self, detail: str, *, errors: dict[str, Any] | None = None, extra: dict[str, Any] | None = None):
         super().__init__(detail)
@@ -128,7 +129,8 @@ def database_unavailable(error: BaseException) -> bool:
     """True when `error` says the database cannot be reached, not that a statement failed: SQLAlchemy's pool
     timeout, a connection SQLAlchemy invalidated, and the driver's connection-level errors (psycopg2's
     OperationalError/InterfaceError without a SQLSTATE, as for a refused or lost connection, or with one of the
-    SQLSTATEs above), wrapped by SQLAlchemy or raw. SQLite's errors (a locked or missing file) are not outages: they stay what they are."""
+    SQLSTATEs above), wrapped by SQLAlchemy or raw. SQLite's errors (a locked or missing file) are not outages: they
+    stay what they are."""
     from sqlalchemy import exc
 
     if isinstance(error, exc.TimeoutError):
@@ -200,7 +202,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(error: ApiError) -> Response:
         if error.status >= 500:
-            log.log(getattr(error, "log_level", logging.ERROR), "request failed: %s", error.detail)
+            log.log(error.log_level, "request failed: %s", error.detail)
         return _problem_of(error)
 
     @app.errorhandler(HTTPException)

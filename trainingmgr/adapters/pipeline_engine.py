@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 
 from .base import AdapterError, PipelineEngine, RunLog, RunStatus
 from .pipeline_files import load_spec, run_parameters
-from .run_launcher import SETTLE_SECONDS, STARTER, claim_start, start_claimer
+from .run_launcher import SETTLE_SECONDS, STARTER, claim_start, start_claimer, write_pid
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +80,11 @@ class WarmLauncher:
             self._remove_folder()  # a launcher that was killed leaves its socket
             # mkdtemp: 0700, a name nobody can take first; short, as a Unix socket's path is limited to 107 bytes.
             self.folder = tempfile.mkdtemp(prefix="tm-launcher-")
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-            env["PYTHONUNBUFFERED"] = "1"
             self.runs_dir.mkdir(parents=True, exist_ok=True)
             with open(self.runs_dir / ".launcher.log", "ab") as output:
                 self.process = subprocess.Popen([sys.executable, "-m", LAUNCHER_MODULE, self.socket_path],
                                                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                                                env=env, close_fds=True)
+                                                env=_runner_env(), close_fds=True)
 
     def launch(self, run_dir: Path, done_write: int) -> int | None:
         """The pid of the run the launcher forked, or None (not enabled, not ready yet, no answer)."""
@@ -223,6 +220,14 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+def _runner_env() -> dict[str, str]:
+    """The environment of a run's process and of the launcher: this package importable, output unbuffered."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text)
@@ -294,17 +299,15 @@ class LocalPipelineEngine(PipelineEngine):
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "result.json").unlink(missing_ok=True)
             _write_atomic(run_dir / "request.json", json.dumps(request))
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-            env["PYTHONUNBUFFERED"] = "1"
             # The runner closes its end of this pipe once result.json is written (or dies): the service learns of
             # the end then, not after the runner's interpreter has torn down kfp, pandas and the rest.
             done_read, done_write = os.pipe()
             try:
+                # A run the launcher forked wrote its own pid file; a cold one is written here.
                 pid = self.launcher.launch(run_dir, done_write) if self.launcher is not None else None
-                warm = pid is not None
                 if pid is None:
                     pid = self._started_by_the_launcher(run_dir)
+                warm = pid is not None
                 if pid is None:  # nobody started it: a process of its own, started cold
                     with open(run_dir / "output.log", "ab") as output:
                         process = subprocess.Popen(
@@ -313,13 +316,14 @@ class LocalPipelineEngine(PipelineEngine):
                             stdout=output,
                             stderr=subprocess.STDOUT,
                             cwd=run_dir,
-                            env=env,
+                            env=_runner_env(),
                             close_fds=True,
                             pass_fds=(done_write,),
                             start_new_session=True,  # survives a restart of the service; terminate kills the group
                         )
                     self._children[run_id] = process
                     pid = process.pid
+                    write_pid(run_dir, pid)
             except OSError as e:
                 os.close(done_read)
                 (run_dir / STARTER).unlink(missing_ok=True)  # a later try may start it
@@ -329,7 +333,6 @@ class LocalPipelineEngine(PipelineEngine):
                 raise
             finally:
                 os.close(done_write)
-            _write_atomic(run_dir / "pid", str(pid))
         threading.Thread(target=self._announce_end, args=(run_id, done_read), name=f"tm-run-{run_id}",
                          daemon=True).start()
         log.info("pipeline run started", extra={"run_id": run_id, "pid": pid, "warm": warm})

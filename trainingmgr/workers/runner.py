@@ -339,7 +339,7 @@ class Worker:
             finally:
                 if dbapi is not None:
                     try:
-                        dbapi.close()  # directly: the pool would try to reset a connection it no longer has
+                        dbapi.close()
                     except Exception:  # noqa: BLE001 - closing a broken connection says nothing new
                         pass
 
