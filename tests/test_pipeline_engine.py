@@ -513,3 +513,43 @@ def test_the_launchers_socket_is_private_and_only_the_launcher_is_believed(make_
         assert wait_for(engine, run_id).state == "SUCCEEDED"
     finally:
         impostor.close()
+
+
+@pytest.mark.parametrize("request_line", [b"not json\n", b'["run_dir"]\n', b'{"run_dir": 7}\n', b"\x00" * 10 + b"\n"])
+def test_a_bad_request_to_the_launcher_is_refused_and_keeps_no_pipe_open(make_engine, request_line):
+    """The launcher's socket is an input too (this user's only): a request that is not {"run_dir": ...} gets an
+    error, forks nothing, and the pipe end sent with it is closed (else its reader would wait for ever)."""
+    import array
+    import json as json_module
+    import socket
+
+    engine = make_engine(warm=True)
+    done_read, done_write = os.pipe()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(RUN_TIMEOUT)
+            connection.connect(engine.launcher.socket_path)
+            connection.sendmsg([request_line], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [done_write]))])
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = connection.recv(4096)
+                assert chunk, "the launcher closed without answering"
+                answer += chunk
+        assert "error" in json_module.loads(answer)
+        os.close(done_write)
+        done_write = -1
+        os.set_blocking(done_read, False)
+        deadline = time.monotonic() + 10
+        while True:  # EOF once no process holds the write end any more
+            try:
+                if os.read(done_read, 1) == b"":
+                    break
+            except BlockingIOError:
+                pass
+            assert time.monotonic() < deadline, "the launcher kept the pipe end it was sent"
+            time.sleep(0.05)
+        assert engine.launcher.process.poll() is None, "the launcher goes on serving"
+    finally:
+        os.close(done_read)
+        if done_write >= 0:
+            os.close(done_write)
