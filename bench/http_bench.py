@@ -17,8 +17,9 @@ and both databases dropped at the end, also on error or Ctrl-C):
      then, for each connection count, loads every scenario in turn (the proxy first) with wrk (or, when wrk is
      missing, a small Python keep-alive load generator) for --duration seconds after a 1 s warm-up; with
      --rounds R it does that R times and keeps each scenario's median round;
-  4. prints one table: scenario, workers, connections, req/s, p50, p99, non-2xx/socket errors and the ratio of the
-     req/s to the limit proxy's at the same workers and connections; then the service's RSS (sum over its
+  4. prints one table: scenario, workers, connections, req/s, p50, p99, non-2xx/socket errors, the ratio of the
+     req/s to the limit proxy's at the same workers and connections, and the server's CPU time per request (user +
+     system of all its processes from /proc/<pid>/stat, over the measured seconds); then the service's RSS (sum over its
      gunicorn master and workers, from /proc) at its peak during the load and after it, and the figures the
      targets of docs/performance.md are stated in.
 """
@@ -160,6 +161,16 @@ def memory_mb(pid: int) -> tuple[float, float]:
                 if line.startswith("Pss:"):
                     pss += int(line.split()[1])
     return rss / 1024, pss / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the process tree so far (gunicorn master and workers), from /proc/<pid>/stat."""
+    ticks = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class PeakMemory:
@@ -378,6 +389,7 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int  # non-2xx/3xx answers, socket errors and timeouts
+    cpu_ms: float = 0.0  # the server's CPU time per request (all its processes, from /proc)
 
     @property
     def rps(self) -> float:
@@ -495,7 +507,8 @@ def median(results: list[Result]) -> Result:
     """The round with the median rate (the lower one of two), its latencies with it; errors summed."""
     ordered = sorted(results, key=lambda r: r.rps)
     mid = ordered[(len(ordered) - 1) // 2]
-    return Result(mid.requests, mid.seconds, mid.p50_ms, mid.p99_ms, sum(r.errors for r in results))
+    cpu = sorted(r.cpu_ms for r in results)[(len(results) - 1) // 2]
+    return Result(mid.requests, mid.seconds, mid.p50_ms, mid.p99_ms, sum(r.errors for r in results), cpu)
 
 
 # ----------------------------------------------------------------------------------------------- servers
@@ -581,6 +594,7 @@ def main() -> int:
     parser.add_argument("--no-hello", action="store_true", help="skip the proxy's no-database /hello scenario")
     parser.add_argument("--python-load", action="store_true", help="use the Python load generator even with wrk")
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (printed folder)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the table's figures to this file")
     args = parser.parse_args()
     worker_counts = [int(x) for x in args.workers.split(",") if x]
     conn_counts = [int(x) for x in args.connections.split(",") if x]
@@ -645,15 +659,21 @@ def main() -> int:
                     # Each round runs every scenario at one connection count, the proxy first: the figures a
                     # ratio compares are measured minutes apart at most.
                     measured: dict[tuple[str, int], list[Result]] = {}
+                    server_of = {servers.service_port: servers.service.pid, servers.small_port: servers.small.pid,
+                                 servers.proxy_port: servers.proxy.pid}
                     for round_no in range(args.rounds):
                         for connections in conn_counts:
                             for name, target, _ in plan:
                                 load(target, connections, 1.0, workdir)  # warm-up: pools, imports, caches
+                                cpu_before = cpu_seconds(server_of[target.port])
                                 result = load(target, connections, args.duration, workdir)
+                                if result.requests:
+                                    result.cpu_ms = (cpu_seconds(server_of[target.port]) - cpu_before) * 1000 \
+                                        / result.requests
                                 measured.setdefault((name, connections), []).append(result)
                                 log(f"{name:32s} w{workers} c{connections:<3d} r{round_no + 1} {result.rps:8.1f} "
                                     f"req/s  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  "
-                                    f"errors {result.errors}")
+                                    f"CPU {result.cpu_ms:5.2f} ms/req  errors {result.errors}")
                     for name, _, _ in plan:
                         for connections in conn_counts:
                             rows.append(Row(name, workers, connections, median(measured[(name, connections)])))
@@ -666,6 +686,14 @@ def main() -> int:
                     procs.stop(proc)
 
         report(rows, sql, memory, args, tool)
+        if args.json:
+            proxy = {(r.workers, r.connections): r.result.rps for r in rows
+                     if r.scenario.startswith("limit proxy GET /job")}
+            args.json.write_text(json.dumps({"rows": [
+                {"scenario": r.scenario, "workers": r.workers, "connections": r.connections, "rps": r.result.rps,
+                 "ratio": r.result.rps / proxy[(r.workers, r.connections)] if proxy.get((r.workers, r.connections))
+                 else None, "cpu_ms": r.result.cpu_ms, "p50_ms": r.result.p50_ms, "p99_ms": r.result.p99_ms,
+                 "errors": r.result.errors} for r in rows]}, indent=1))
         return 0
     finally:
         procs.stop_all()
@@ -694,14 +722,14 @@ def report(rows: list[Row], sql: list[tuple[str, SqlCount]], memory: list, args:
           f"x {args.threads} threads, PostgreSQL, {os.cpu_count()} CPUs; "
           f"ratio = req/s / limit proxy GET /job/<id> req/s at the same workers and connections")
     header = f"{'scenario':34s} {'workers':>7s} {'conns':>5s} {'req/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} " \
-             f"{'errors':>6s} {'ratio':>6s}"
+             f"{'errors':>6s} {'ratio':>6s} {'CPU ms/req':>10s}"
     print(header)
     print("-" * len(header))
     for r in rows:
         base = proxy.get((r.workers, r.connections))
         ratio = f"{r.result.rps / base:6.2f}" if base else "     -"
         print(f"{r.scenario:34s} {r.workers:7d} {r.connections:5d} {r.result.rps:9.1f} {r.result.p50_ms:8.2f} "
-              f"{r.result.p99_ms:8.2f} {r.result.errors:6d} {ratio}")
+              f"{r.result.p99_ms:8.2f} {r.result.errors:6d} {ratio} {r.result.cpu_ms:10.2f}")
     print()
     print(f"Service memory (sum over the gunicorn master and workers of the {args.jobs:,}-job instance, from /proc):")
     for workers, peak_rss, rss, peak_pss, pss, proxy_peak, proxy_rss in memory:
@@ -718,7 +746,7 @@ def report(rows: list[Row], sql: list[tuple[str, SqlCount]], memory: list, args:
     print("  (checkouts send nothing since issue 12 dropped pool_pre_ping; each transaction sent adds BEGIN and "
           "ROLLBACK round trips (GETs run in autocommit: none); the limit proxy sends 1 statement in autocommit: 1 round trip)")
     print()
-    print("Against docs/performance.md:")
+    print("Against issue 12 (reads >= 0.8x the proxy at every connection count, <= 1.0 ms CPU; list <= 3 ms CPU):")
     by = {(r.scenario, r.workers, r.connections): r.result for r in rows}
     workers_seen = sorted({r.workers for r in rows})
     conns_seen = sorted({r.connections for r in rows})
@@ -729,7 +757,9 @@ def report(rows: list[Row], sql: list[tuple[str, SqlCount]], memory: list, args:
                 res, base = by.get((name, w, c)), proxy.get((w, c))
                 if res and base:
                     parts.append(f"w{w}/c{c} {res.rps / base:.2f}x")
-        print(f"  {name:24s} >= 0.5x the proxy : {', '.join(parts)}")
+        cpus = [f"w{w}/c{c} {by[(name, w, c)].cpu_ms:.2f}" for w in workers_seen for c in conns_seen
+                if (name, w, c) in by]
+        print(f"  {name:24s} >= 0.8x the proxy : {', '.join(parts)}; CPU ms/req <= 1.0: {', '.join(cpus)}")
     parts = []
     for w in workers_seen:
         for c in conns_seen:
@@ -738,6 +768,9 @@ def report(rows: list[Row], sql: list[tuple[str, SqlCount]], memory: list, args:
             if a and b and b.p50_ms:
                 parts.append(f"w{w}/c{c} {a.p50_ms / b.p50_ms:.2f}x")
     print(f"  job list p50 {args.jobs:,} / p50 {args.small_jobs:,} <= 2x : {', '.join(parts)}")
+    cpus = [f"w{w}/c{c} {by[(list_name(args.jobs), w, c)].cpu_ms:.2f}" for w in workers_seen for c in conns_seen
+            if (list_name(args.jobs), w, c) in by]
+    print(f"  job list (default page) CPU ms/req <= 3 : {', '.join(cpus)}")
     lists = [c.statements for n, c in sql if n.startswith("GET job list")]
     print(f"  job list SQL statements <= 3     : {', '.join(str(x) for x in lists)} "
           f"(default page at {args.jobs:,}, limit=1000, default page at {args.small_jobs:,})")

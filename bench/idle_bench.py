@@ -4,8 +4,8 @@ Usage: .venv/bin/python bench/idle_bench.py [--idle 30] [--checkout DIR]
 
 It initdb's a PostgreSQL cluster of its own on a free port (tests/private_postgres.py) with `log_statement=all`,
 serves this checkout (or `--checkout DIR`, another checkout of the project, e.g. an older commit in a git worktree,
-for a before/after figure in one run) on it with the default settings (2 web processes, each with its embedded
-worker threads), waits for /readyz and 5 s more, then counts the statements the server's log shows for `--idle`
+for a before/after figure in one run) on it with the default settings (the web process and the step runner `serve`
+keeps), waits for /readyz and 5 s more, then counts the statements the server's log shows for `--idle`
 seconds without a request. Everything is stopped and removed at the end, also on error or Ctrl-C.
 """
 from __future__ import annotations
@@ -32,12 +32,9 @@ def statements(log: Path, start: int) -> collections.Counter:
     return collections.Counter(m.group(1).decode().upper().rstrip(";") for m in STATEMENT.finditer(data))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--idle", type=float, default=30.0, help="seconds counted without requests")
-    parser.add_argument("--checkout", type=Path, default=ROOT, help="the project checkout to serve")
-    args = parser.parse_args()
-
+def idle_statements(checkout: Path, idle: float) -> collections.Counter:
+    """The statements the default `serve` of `checkout` sends to a private PostgreSQL in `idle` seconds without a
+    request (after /readyz and 5 s more), by first word."""
     import psycopg2
 
     with tempfile.TemporaryDirectory(prefix="tm-idle-") as tmp, private_cluster() as cluster:
@@ -52,15 +49,23 @@ def main() -> int:
             conn.close()
         port = free_port()
         env = {"TM_DATABASE_URL": cluster.url, "TM_DATA_DIR": str(tmp_path / "data"), "TM_SECRET_KEY": "bench",
-               "TM_LOG_LEVEL": "WARNING", "PYTHONPATH": str(args.checkout.resolve())}
+               "TM_LOG_LEVEL": "WARNING", "PYTHONPATH": str(checkout.resolve())}
         with served(tmp_path, port, env) as server:
             assert_ready(f"http://127.0.0.1:{port}", server, 180, tmp_path / "server.log")
             time.sleep(5.0)  # the workers' first looks
             start = cluster.log_path.stat().st_size
-            time.sleep(args.idle)
-            counted = statements(cluster.log_path, start)
+            time.sleep(idle)
+            return statements(cluster.log_path, start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--idle", type=float, default=30.0, help="seconds counted without requests")
+    parser.add_argument("--checkout", type=Path, default=ROOT, help="the project checkout to serve")
+    args = parser.parse_args()
+    counted = idle_statements(args.checkout, args.idle)
     total = sum(counted.values())
-    print(f"serve (default: 2 web processes with embedded workers) of {args.checkout}, idle {args.idle:.0f} s on "
+    print(f"serve (default settings: its web process and step runner) of {args.checkout}, idle {args.idle:.0f} s on "
           f"PostgreSQL: {total} statements, {total / args.idle:.2f} per second")
     for word, count in counted.most_common():
         print(f"  {word:<10} {count:6d}  {count / args.idle:8.2f}/s")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import io
+import json
 import re
 import statistics
 import sys
@@ -104,7 +105,7 @@ def one_job(app, model: str) -> tuple[int, float]:
     return job["id"], time.perf_counter() - started
 
 
-def run(concurrency: int, database_url: str | None, log_level: str) -> None:
+def run(concurrency: int, database_url: str | None, log_level: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(data_dir=tmp, database_url=database_url or "", secret_key="bench",
                             log_level=log_level,
@@ -151,6 +152,9 @@ def run(concurrency: int, database_url: str | None, log_level: str) -> None:
     late = [a for a in after if a > 1.0]
     print(f"   target: every job FINISHED within 1 s of its run's end: {len(after) - len(late)} of {len(after)} "
           f"(slowest {max(after) * 1000:.0f} ms)")
+    return {"jobs": concurrency, "overhead_median_ms": statistics.median(overheads) * 1000,
+            "startup_median_ms": statistics.median(startups) * 1000, "startup_max_ms": max(startups) * 1000,
+            "finished_within_1s": len(after) - len(late), "after_max_ms": max(after) * 1000}
 
 
 def main() -> None:
@@ -158,9 +162,11 @@ def main() -> None:
     parser.add_argument("--jobs", default="1,10", help="comma-separated concurrency levels")
     parser.add_argument("--database-url", default=None, help="default: SQLite in a temporary folder")
     parser.add_argument("--log-level", default="WARNING", help="the service's log level (DEBUG shows each step's time)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = parser.parse_args()
-    for level in (int(x) for x in args.jobs.split(",")):
-        run(level, args.database_url, args.log_level)
+    figures = [run(level, args.database_url, args.log_level) for level in (int(x) for x in args.jobs.split(","))]
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Usage:
   LIMIT_PROXY_DSN=postgresql://postgres@127.0.0.1:5432/DB python bench/limit_proxy.py [--host 127.0.0.1]
       [--port 32099] [--workers N] [--threads T]
 LIMIT_PROXY_DSN is a libpq DSN or URL (a SQLAlchemy URL's "+psycopg2" is accepted and dropped); --workers and
---threads default to TM_WORKERS / TM_THREADS, else 2 / 4, as the service's.
+--threads default to TM_WORKERS / TM_THREADS, else 2 / 4 (http_bench's setting; the service's default is 1 / 8).
 """
 from __future__ import annotations
 

@@ -124,3 +124,45 @@ def cpu_kept_busy(processes: int | None = None, seconds: float = 900) -> Iterato
         for burner in burners:
             burner.kill()
             burner.wait(10)
+
+
+def children(pid: int) -> dict[int, str]:
+    """The live child processes of `pid`, with their command lines."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == pid and state != "Z":
+                found[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):  # it ended while we looked
+            continue
+    return found
+
+
+def maps_file(pid: int, fragment: str) -> bool:
+    """Whether process `pid` has a file whose path contains `fragment` mapped (a native library it imported)."""
+    return fragment in Path(f"/proc/{pid}/maps").read_text()
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def until(condition, seconds: float, interval: float = 0.2) -> bool:
+    """True once `condition()` holds within `seconds`; an error raised by it counts as "not yet"."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return True
+        except Exception:  # noqa: BLE001 - not yet, whatever went wrong
+            pass
+        time.sleep(interval)
+    return False

@@ -10,7 +10,7 @@ import psycopg2
 from sqlalchemy.engine import make_url
 
 from tests.test_training_lifecycle import JOBS, job_request, setup, wait_for  # noqa: F401
-from trainingmgr import PING_AFTER_IDLE_SECONDS
+from trainingmgr.app import PING_AFTER_IDLE_SECONDS
 
 
 def cut_every_connection_but_ours(settings) -> int:

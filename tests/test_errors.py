@@ -322,7 +322,7 @@ def test_healthz(client):
     assert response.get_json() == {"status": "ok"}
 
 
-def test_readyz(client):
+def test_readyz(client, worker):
     response = client.get("/readyz")
     assert response.status_code == 200
     body = response.get_json()

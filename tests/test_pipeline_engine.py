@@ -515,7 +515,8 @@ def test_the_launchers_socket_is_private_and_only_the_launcher_is_believed(make_
         impostor.close()
 
 
-@pytest.mark.parametrize("request_line", [b"not json\n", b'["run_dir"]\n', b'{"run_dir": 7}\n', b"\x00" * 10 + b"\n"])
+@pytest.mark.parametrize("request_line", [b"not json\n", b'["run_dir"]\n', b'{"run_dir": 7}\n', b'{"extract": 7}\n',
+                                          b"\x00" * 10 + b"\n"])
 def test_a_bad_request_to_the_launcher_is_refused_and_keeps_no_pipe_open(make_engine, request_line):
     """The launcher's socket is an input too (this user's only): a request that is not {"run_dir": ...} gets an
     error, forks nothing, and the pipe end sent with it is closed (else its reader would wait for ever)."""
@@ -553,3 +554,107 @@ def test_a_bad_request_to_the_launcher_is_refused_and_keeps_no_pipe_open(make_en
         os.close(done_read)
         if done_write >= 0:
             os.close(done_write)
+
+
+# ---------------------------------------------------------------------------------------------- extractions
+def _forking_extractor(engine: LocalPipelineEngine, tmp_path: Path, monkeypatch, **options):
+    """An EmbeddedExtractor that hands its extractions to the engine's launcher, as in a step runner without
+    pandas; doing one in this process fails the test."""
+    from tests.peers import LOCAL_OUTBOUND
+    from trainingmgr.adapters import extraction
+
+    source = tmp_path / "sources"
+    source.mkdir(exist_ok=True)
+    (source / "kpis.csv").write_text("cell,dl,ul\nc1,1,10\nc2,2,20\nc3,3,30\n")
+    monkeypatch.setattr(extraction, "_loaded_here", lambda: False)
+    extractor = extraction.EmbeddedExtractor([source], tmp_path / "datasets", outbound=LOCAL_OUTBOUND,
+                                             fork_server=engine.launcher, **options)
+
+    def not_here(*_args, **_kwargs):
+        raise AssertionError("the extraction ran in the asking process")
+
+    monkeypatch.setattr(extractor, "_extract", not_here)
+    return extractor
+
+
+def _extraction(measurement: str, *, source: str = "CsvSource", query_filter: str = "",
+                host: str = "", port: str = ""):
+    from trainingmgr.adapters.base import ExtractionRequest
+
+    return ExtractionRequest(trainingjob_id=7, featurepath="kpis_7", datalake_source=source,
+                             feature_list=["cell", "dl"], query_filter=query_filter,
+                             source={"measurement": measurement, "host": host, "port": port, "bucket": "b",
+                                     "db_org": "o", "token": "secret-token", "source_name": ""})
+
+
+def test_extractions_run_in_processes_forked_by_the_warm_launcher(make_engine, tmp_path, monkeypatch):
+    engine = make_engine()
+    engine.start_warm_runner()  # enabled, not started: the first extraction starts it and waits for it
+    extractor = _forking_extractor(engine, tmp_path, monkeypatch)
+    status = extractor.start(_extraction("kpis.csv", query_filter="dl >= 2"))
+    assert status.state == "COMPLETED" and status.rows == 2
+    assert Path(status.dataset_uri).read_text() == "cell,dl\nc2,2\nc3,3\n"
+    assert engine.launcher.process is not None and engine.launcher.process.poll() is None
+    # Bad input is said as in process: not retryable, with the reason.
+    with pytest.raises(AdapterError) as missing:
+        extractor.start(_extraction("nowhere.csv"))
+    assert missing.value.retryable is False and "not found" in str(missing.value)
+    with pytest.raises(AdapterError) as unknown:
+        extractor.start(_extraction("kpis.csv", query_filter="nope > 1"))
+    assert unknown.value.retryable is False and "query_filter" in str(unknown.value)
+
+
+def test_an_extraction_whose_process_is_killed_is_retryable(make_engine, tmp_path, monkeypatch):
+    """An InfluxDB that accepts the connection and never answers holds the forked extraction; killed (as by the
+    OOM killer), it answers nothing: the step is tried again later, and the launcher goes on."""
+    import socket
+
+    engine = make_engine(warm=True)
+    extractor = _forking_extractor(engine, tmp_path, monkeypatch)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    outcome: list[BaseException] = []
+
+    def extract() -> None:
+        try:
+            extractor.start(_extraction("m", source="InfluxSource", host="127.0.0.1",
+                                        port=str(silent.getsockname()[1])))
+        except BaseException as e:  # noqa: BLE001 - kept for the assertion below
+            outcome.append(e)
+
+    asking = threading.Thread(target=extract)
+    asking.start()
+    try:
+        launcher = engine.launcher.process.pid
+        deadline = time.monotonic() + RUN_TIMEOUT
+        forked: list[int] = []
+        while not forked:
+            assert time.monotonic() < deadline, "the launcher forked no extraction"
+            forked = [int(p.name) for p in Path("/proc").iterdir()
+                      if p.name.isdigit() and _ppid_or_none(int(p.name)) == launcher]
+            time.sleep(0.05)
+        os.kill(forked[0], signal.SIGKILL)
+        asking.join(RUN_TIMEOUT)
+        assert not asking.is_alive()
+    finally:
+        silent.close()
+        asking.join(RUN_TIMEOUT)
+    assert len(outcome) == 1 and isinstance(outcome[0], AdapterError), outcome
+    assert outcome[0].retryable and "ended without an answer" in str(outcome[0])
+    assert engine.launcher.process.poll() is None, "the launcher goes on serving"
+
+
+def test_an_extraction_runs_here_when_the_launcher_cannot_be_asked(make_engine, tmp_path):
+    from tests.peers import LOCAL_OUTBOUND
+    from trainingmgr.adapters.extraction import EmbeddedExtractor
+
+    engine = make_engine()  # not enabled: no launcher will start
+    source = tmp_path / "sources"
+    source.mkdir()
+    (source / "kpis.csv").write_text("cell,dl\nc1,1\n")
+    extractor = EmbeddedExtractor([source], tmp_path / "datasets", outbound=LOCAL_OUTBOUND,
+                                  fork_server=engine.launcher)
+    assert engine.launcher.extract({"any": "job"}, 5.0) is None
+    assert extractor.start(_extraction("kpis.csv")).rows == 1
+    assert engine.launcher.process is None

@@ -109,13 +109,15 @@ def test_example_training_on_postgresql_s3_kfp_and_remote_extraction(pg_only, ap
     cluster.start()
     client = production.test_client()
     try:
-        assert client.get("/readyz").get_json()["checks"] == {
-            "database": "ok", "object_store": "ok", "pipeline_engine": "ok", "data_extraction": "ok"}
+        assert client.get("/readyz").get_json()["checks"] == {  # no step runner yet: 503, and says so
+            "database": "ok", "step_runner": "none alive", "object_store": "ok", "pipeline_engine": "ok",
+            "data_extraction": "ok"}
         create_feature_group(client, "pm_kpis", feature_list=FEATURES)  # an InfluxSource, read by the service
         upload(client, "qoe_training", TRAINING_YAML)
         upload(client, "qoe_retraining", RETRAINING_YAML)
         assert [p["display_name"] for p in kfp.pipelines.values()] == ["qoe_training", "qoe_retraining"]
         container.start_worker(production)
+        assert client.get("/readyz").status_code == 200
 
         body = job_request(MODEL)
         body["training_config"]["dataPipeline"]["feature_group_name"] = "pm_kpis"

@@ -1,16 +1,49 @@
 """/readyz checks every configured component; /metrics counts jobs, pending steps and requests."""
+import os
+import sys
+
 import pytest
 from sqlalchemy import select
 
+from tests.processes import started, until
 from tests.test_serve import free_port
 from tests.test_training_lifecycle import setup  # noqa: F401  (fixture)
 from trainingmgr import create_app
 
 
-def test_ready_lists_every_component(client):
+def test_ready_lists_every_component(client, worker):
     body = client.get("/readyz").get_json()
-    assert body == {"status": "ready", "checks": {"database": "ok", "object_store": "ok",
+    assert body == {"status": "ready", "checks": {"database": "ok", "step_runner": "ok", "object_store": "ok",
                                                   "pipeline_engine": "ok", "data_extraction": "ok"}}
+
+
+def test_no_step_runner_alive_is_not_ready_where_serve_keeps_one(client):
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["checks"]["step_runner"] == "none alive" and body["checks"]["database"] == "ok"
+    assert body["detail"] == "Not ready: step_runner none alive"
+
+
+def test_with_separate_workers_no_step_runner_alive_is_said_but_ready(build_app):
+    response = build_app(embedded_worker=False).test_client().get("/readyz")
+    assert response.status_code == 200 and response.get_json()["checks"]["step_runner"] == "none alive"
+
+
+def test_a_step_runner_of_another_process_counts_while_it_lives(build_app, settings, tmp_path):
+    """`trainingmgr worker` in a process of its own, on the test's database: seen from here (a session of its
+    name in pg_stat_activity; its pipe beside the SQLite file) as long as it lives, also when it is killed."""
+    client = build_app().test_client()
+    env = {**os.environ, "TM_DATABASE_URL": settings.database_url, "TM_DATA_DIR": str(tmp_path / "worker"),
+           "TM_SECRET_KEY": settings.secret_key, "TM_LOG_LEVEL": "WARNING"}
+    with started([sys.executable, "-m", "trainingmgr", "worker"], log_path=tmp_path / "worker.log",
+                 env=env) as process:
+        assert until(lambda: process.poll() is not None or client.get("/readyz").status_code == 200, 90)
+        assert process.poll() is None, (tmp_path / "worker.log").read_text()
+        process.kill()
+        process.wait(30)
+        assert until(lambda: client.get("/readyz").status_code == 503, 60)
+    assert client.get("/readyz").get_json()["checks"]["step_runner"] == "none alive"
 
 
 def test_an_unreachable_object_store_makes_the_service_not_ready(settings):

@@ -4,20 +4,17 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import click
-from flask import current_app
-from flask.cli import ScriptInfo, with_appcontext
 
-from . import cli_client, create_app
 from .config import Settings, SettingsError
 
 READY_SECONDS = 300  # a cold start on a loaded machine (imports, migration) is slow, but not this slow
 
 
 def _create_app() -> Any:
+    from .app import create_app
     from .schema import enable_migrations
 
     app = create_app()
@@ -25,18 +22,29 @@ def _create_app() -> Any:
     return app
 
 
-def _version() -> str:
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """--version: looked up only when asked (importlib.metadata is not small, and `serve` is the gunicorn master)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        return version("trainingmgr")
+        found = version("trainingmgr")
     except PackageNotFoundError:  # run from a checkout that was not installed
-        return "unknown"
+        found = "unknown"
+    click.echo(f"trainingmgr {found}")
+    ctx.exit()
 
 
 class _Commands(click.Group):
-    """Our commands, plus Flask-Migrate's `db` and Flask's `routes`, imported only when asked for (Alembic costs the
-    serving processes memory they never use)."""
+    """Our commands, plus Flask-Migrate's `db`, Flask's `routes` and the API client's groups, imported only when
+    asked for: `serve` is the gunicorn master, which forks the web workers, and must stay small (no Flask, no
+    Alembic, no requests in it)."""
 
-    LAZY = {"db": ("flask_migrate.cli", "db"), "routes": ("flask.cli", "routes_command")}
+    LAZY = {"db": ("flask_migrate.cli", "db"), "routes": ("flask.cli", "routes_command"),
+            "jobs": ("trainingmgr.cli_client", "jobs"), "featuregroups": ("trainingmgr.cli_client", "featuregroups"),
+            "pipelines": ("trainingmgr.cli_client", "pipelines")}
+    NEED_APP = ("db", "routes")  # Flask's commands, which find the app through ScriptInfo
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
@@ -49,12 +57,16 @@ class _Commands(click.Group):
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(_version(), "--version", "-V", prog_name="trainingmgr", message="%(prog)s %(version)s")
+@click.option("--version", "-V", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and exit.")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """Training Manager of the O-RAN AI/ML framework."""
-    # The commands that need the app (db, routes, worker) get it through Flask's ScriptInfo, built on first use.
-    ctx.obj = ScriptInfo(create_app=_create_app, set_debug_flag=False, load_dotenv_defaults=False)
+    if ctx.invoked_subcommand in _Commands.NEED_APP:
+        # Flask's commands get the app through ScriptInfo, which builds it on first use.
+        from flask.cli import ScriptInfo
+
+        ctx.obj = ScriptInfo(create_app=_create_app, set_debug_flag=False, load_dotenv_defaults=False)
 
 
 def upgrade_database_in_child() -> None:
@@ -244,29 +256,30 @@ def remove_token(name: str) -> None:
 @click.option("--threads", type=int, default=None, help="Threads that execute job steps (TM_WORKER_THREADS).")
 @click.option("--notify-threads", type=int, default=None,
               help="Threads that deliver rApp notifications (TM_NOTIFY_THREADS).")
-@with_appcontext
-def worker(threads: int | None, notify_threads: int | None) -> None:
-    """Execute training-job steps in this process (alongside servers started with TM_EMBEDDED_WORKER=false)."""
+@click.option("--supervised", is_flag=True, hidden=True,
+              help="Started by `serve`, which brought the schema up to date and stops this process with it.")
+def worker(threads: int | None, notify_threads: int | None, supervised: bool) -> None:
+    """Execute training-job steps in this process (`serve` starts one itself unless TM_EMBEDDED_WORKER=false)."""
     import signal
     import threading
 
-    from .schema import upgrade
+    from .app import create_app
     from .workers.runner import Worker
 
-    app = current_app._get_current_object()
-    upgrade(app)  # a worker may start before any server: the schema must be there
+    app = create_app()  # without Flask-Migrate: Alembic stays out of a long-lived process that does not need it
+    if not supervised:
+        from .schema import upgrade
+
+        upgrade(app)  # a worker may start before any server: the schema must be there
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     running = Worker(app, threads=threads, notify_threads=notify_threads).start()
-    click.echo(f"trainingmgr worker {running.name} running {running.threads} step threads and "
-               f"{running.notify_threads} notification threads; stop with SIGTERM")
+    if not supervised:
+        click.echo(f"trainingmgr worker {running.name} running {running.threads} step threads and "
+                   f"{running.notify_threads} notification threads; stop with SIGTERM")
     stopping.wait()
     running.stop()
-
-
-for client_group in (cli_client.jobs, cli_client.featuregroups, cli_client.pipelines):  # the API from the shell
-    cli.add_command(client_group)
 
 
 def main() -> None:

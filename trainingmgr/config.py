@@ -47,8 +47,10 @@ class Settings:
     # Each field's metadata["env"] names its environment variable and ["doc"] says what it does.
     host: str = field(default="0.0.0.0", metadata={"env": "TM_HOST", "doc": "address to listen on"})
     port: int = field(default=32002, metadata={"env": "TM_PORT", "doc": "port to listen on"})
-    workers: int = field(default=2, metadata={"env": "TM_WORKERS", "doc": "gunicorn worker processes"})
-    threads: int = field(default=4, metadata={"env": "TM_THREADS", "doc": "threads per gunicorn worker"})
+    # One web process by default: the steps run in a process of their own, so a web process only answers requests
+    # (about 1,000 reads/s of one CPU); each more costs about 57 MB.
+    workers: int = field(default=1, metadata={"env": "TM_WORKERS", "doc": "gunicorn worker (web) processes"})
+    threads: int = field(default=8, metadata={"env": "TM_THREADS", "doc": "threads per gunicorn worker"})
     data_dir: str = field(
         default="data", metadata={"env": "TM_DATA_DIR", "doc": "folder for the SQLite file, key file and local stores"}
     )
@@ -259,21 +261,22 @@ class Settings:
         default=True,
         metadata={
             "env": "TM_EMBEDDED_WORKER",
-            "doc": "run job steps in threads of the server; false when separate `trainingmgr worker` processes do",
+            "doc": "`serve` keeps one step runner process (restarted if it ends; /readyz is 503 while none is "
+            "alive); false when separate `trainingmgr worker` processes run the steps",
         },
     )
     worker_threads: int = field(default=4, metadata={"env": "TM_WORKER_THREADS", "doc": "threads per worker"})
     worker_poll_seconds: float = field(
         default=0.5,
         metadata={"env": "TM_WORKER_POLL_SECONDS",
-                  "doc": "on SQLite, how often idle workers look for work queued by other processes (a read, no "
-                  "write lock)"},
+                  "doc": "shortest wait of an idle worker between two looks for work; with an in-memory SQLite "
+                  "database (no wake-up between processes), how often it looks"},
     )
     worker_idle_poll_seconds: float = field(
         default=30.0,
         metadata={"env": "TM_WORKER_IDLE_POLL_SECONDS",
-                  "doc": "on PostgreSQL, where LISTEN/NOTIFY wakes idle workers, how long they wait at most before "
-                  "they look anyway"},
+                  "doc": "idle workers are woken when work is queued (LISTEN/NOTIFY on PostgreSQL, a pipe beside "
+                  "an SQLite file); how long they wait at most before they look anyway"},
     )
     lease_seconds: int = field(
         default=60, metadata={"env": "TM_LEASE_SECONDS", "doc": "a claimed step returns to the queue after this long"}

@@ -90,8 +90,11 @@ class Container:
             return RemoteExtractor(s.data_extraction_url, timeout=s.http_timeout, outbound=self.outbound)
         from .adapters.extraction import EmbeddedExtractor
 
+        # The local engine's warm launcher forks each extraction, so a step runner never loads pandas itself.
+        fork_server = getattr(self.engine, "launcher", None) if s.pipeline_engine == "local" else None
         return EmbeddedExtractor(s.source_roots, s.data_path / "datasets", influx_timeout=s.http_timeout,
-                                 outbound=self.outbound)
+                                 outbound=self.outbound, fork_server=fork_server,
+                                 answer_timeout=s.extraction_deadline)
 
     @cached_property
     def outbound(self) -> "OutboundPolicy":
@@ -160,7 +163,12 @@ class Container:
         base = self.settings.advertised_url.rstrip("/") or f"http://{socket.gethostname()}:{self.settings.port}"
         return f"{base}/model/{modelname}/{modelversion}/{artifactversion}/Model.zip"
 
-    def readiness(self) -> dict[str, str]:
+    def readiness(self) -> tuple[dict[str, str], list[str]]:
+        """Each check's state ("ok" or what is wrong), and the checks that make the service not ready. No step
+        runner alive is a fault where `serve` keeps one (TM_EMBEDDED_WORKER), and only said where separate
+        `trainingmgr worker` processes are expected: the API serves without them, jobs wait."""
+        from .models.work_wake import live_step_runners
+
         checks: dict[str, str] = {}
         try:
             db.session.execute(text("SELECT 1"))
@@ -169,6 +177,14 @@ class Container:
             log.warning("database not reachable: %s", e.__class__.__name__)
             db.session.rollback()
             checks["database"] = "unreachable"
+        else:
+            try:
+                alive = self.worker is not None or live_step_runners(db.session) > 0
+                checks["step_runner"] = "ok" if alive else "none alive"
+            except Exception as e:  # noqa: BLE001 - cannot tell: say so, never a 500 of /readyz
+                log.warning("step runner check failed: %s", e.__class__.__name__)
+                db.session.rollback()
+                checks["step_runner"] = "unknown"
         # Every configured component; the embedded ones are always ready.
         s = self.settings
         # Only the real components are asked; the embedded ones are part of this process.
@@ -187,4 +203,5 @@ class Container:
                 log.warning("%s readiness check failed: %s", name, e.__class__.__name__)
                 ok = False
             checks[name] = "ok" if ok else "unreachable"
-        return checks
+        advisory = () if self.settings.embedded_worker else ("step_runner",)
+        return checks, [name for name, state in checks.items() if state != "ok" and name not in advisory]

@@ -8,6 +8,7 @@ the older `Exception` key that their clients read.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
@@ -105,6 +106,13 @@ class ServiceUnavailable(ApiError):
     retry_after: int | None = RETRY_AFTER_SECONDS  # seconds, sent as Retry-After
 
 
+class NotReady(ServiceUnavailable):
+    """/readyz's answer while something it checks is not fine: a state it reports (probed every few seconds), not a
+    failure of the request; the check that failed has said why. Logged as a warning."""
+
+    log_level = logging.WARNING
+
+
 class AtCapacity(ServiceUnavailable):
     """The process serves as many of something (event streams ...) as it may: load shed on purpose, not a
     failure, so it is logged as a warning."""
@@ -137,9 +145,8 @@ def database_unavailable(error: BaseException) -> bool:
         return True
     if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
         return True
-    try:
-        import psycopg2
-    except ImportError:  # pragma: no cover - installed with the service
+    psycopg2 = sys.modules.get("psycopg2")
+    if psycopg2 is None:  # not loaded (SQLite): no error can be one of its
         return False
     # The driver's own error, as SQLAlchemy wrapped it, or as a raw connection (the work listener's) raised it.
     driver_error = error.orig if isinstance(error, exc.DBAPIError) else error

@@ -10,10 +10,15 @@ import base64
 import binascii
 import hashlib
 import os
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+if TYPE_CHECKING:
+    from cryptography.fernet import Fernet, MultiFernet
 
+# cryptography (about 10 MB of a process) is imported when a token is first encrypted or decrypted: most processes
+# never do.
 MASK = "****"
 
 
@@ -21,7 +26,9 @@ class SecretKeyError(RuntimeError):
     """A stored token cannot be decrypted with the configured keys."""
 
 
-def _fernet(key: str) -> Fernet:
+def _fernet(key: str) -> "Fernet":
+    from cryptography.fernet import Fernet
+
     key = key.strip()
     try:
         if len(base64.urlsafe_b64decode(key.encode())) == 32:
@@ -42,14 +49,19 @@ def _key_file(data_dir: Path) -> str:
             pass
         else:
             with os.fdopen(fd, "wb") as f:
-                f.write(Fernet.generate_key())
+                f.write(base64.urlsafe_b64encode(os.urandom(32)))  # a Fernet key (Fernet.generate_key)
     return path.read_text().strip()
 
 
 class TokenCipher:
     def __init__(self, secret_key: str, data_dir: Path):
-        keys = [k for k in secret_key.split(",") if k.strip()] or [_key_file(data_dir)]
-        self._fernet = MultiFernet([_fernet(k) for k in keys])
+        self._keys = [k for k in secret_key.split(",") if k.strip()] or [_key_file(data_dir)]
+
+    @cached_property
+    def _fernet(self) -> "MultiFernet":
+        from cryptography.fernet import MultiFernet
+
+        return MultiFernet([_fernet(k) for k in self._keys])
 
     def encrypt(self, token: str) -> str:
         return self._fernet.encrypt(token.encode()).decode() if token else ""
@@ -57,6 +69,8 @@ class TokenCipher:
     def decrypt(self, stored: str) -> str:
         if not stored:
             return ""
+        from cryptography.fernet import InvalidToken
+
         try:
             return self._fernet.decrypt(stored.encode()).decode()
         except InvalidToken:

@@ -18,6 +18,7 @@ import time
 from typing import IO, Any, Callable
 
 from .config import Settings
+from .lifetime import die_with_parent
 
 GRACEFUL_TIMEOUT = 10  # seconds a worker may finish its requests after SIGTERM; steps are durable, runs outlive us
 READY_PATH = "/readyz"
@@ -46,10 +47,8 @@ def wait_until_ready(url: str, deadline: float, *, alive: Callable[[], bool] = l
 
 def gunicorn_application(settings: Settings) -> Any:
     """The gunicorn application `serve` runs: gthread workers (requests buffered by the event loop), each building its
-    own app after the fork."""
+    own app after the fork; with TM_EMBEDDED_WORKER, the master also supervises one step runner."""
     from gunicorn.app.base import BaseApplication
-
-    from . import create_app
 
     class Server(BaseApplication):
         # Read by the worker class (trainingmgr.http_worker): its read timeout and body limits.
@@ -69,11 +68,23 @@ def gunicorn_application(settings: Settings) -> Any:
             self.cfg.set("pre_fork", _report_threads_before_fork)
 
         def load(self) -> Any:
-            # Runs in each worker process after the fork: its own engine, pool and worker threads.
-            app = create_app(settings)
-            if settings.embedded_worker:
-                app.extensions["trainingmgr"].start_worker(app)
-            return app
+            # Runs in each worker process after the fork: its own engine and pool. Web workers run no step: those
+            # run in the step runner, so no web worker carries pandas, pyarrow or kfp.
+            from .app import create_app
+
+            return create_app(settings)
+
+        def run(self) -> None:
+            if not settings.embedded_worker:
+                super().run()
+                return
+            from .supervisor import SupervisingArbiter
+
+            try:
+                SupervisingArbiter(self).run()
+            except RuntimeError as e:  # as gunicorn's own run() reports a configuration error
+                print(f"\nError: {e}\n", file=sys.stderr, flush=True)
+                sys.exit(1)
 
     return Server()
 
@@ -106,17 +117,6 @@ class Stopped(SystemExit):
     """This process was asked to stop (SIGTERM, SIGHUP): the server it started must stop with it."""
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: Linux sends it SIGTERM when this process dies, even by SIGKILL, so no server is
-    left running without the process that started it. Only Python code that takes no lock runs here."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the signal handlers below still stop it
-        pass
-
-
 class ServerProcess:
     """`trainingmgr serve` as a child process whose output is relayed to ours, quietly (warnings and errors only)
     while `quiet` is set, in full afterwards. From start() on, SIGTERM/SIGHUP to this process raise Stopped, so
@@ -147,7 +147,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "trainingmgr", "serve"], env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace",
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         # A thread of this process, which is not the gunicorn master (that is the child) and forks nothing more.
         self._relay = threading.Thread(target=self._copy_output, name="tm-server-output", daemon=True)

@@ -11,21 +11,25 @@ server is bounded by `influx_timeout` seconds.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import os
 import re
 import stat
+import sys
 import uuid
 from pathlib import Path
-from typing import Iterator, Sequence
-
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .base import AdapterError, DataExtractor, ExtractionRequest, ExtractionStatus
 from .outbound import OutboundPolicy
 from .query_filter import CompiledFilter, FilterError, compile_filter, parse_filter
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# pandas and pyarrow (about 100 MB of a process) are imported by the first extraction, not with this module: a step
+# runner that has not extracted yet stays light.
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +68,26 @@ class _CsvReader(_TableReader):
     # Types are inferred per chunk; a column whose values change kind mid-file (numbers, then text) can make a
     # filter fail on a later chunk, with a clear FilterError, rather than silently compare text with numbers.
     def columns(self, path: Path) -> list[str]:
+        import pandas as pd
+
         return [str(c) for c in pd.read_csv(path, nrows=0).columns]
 
     def chunks(self, path: Path, columns: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
+        import pandas as pd
+
         with pd.read_csv(path, usecols=columns, chunksize=chunk_rows) as reader:
             yield from reader
 
 
 class _ParquetReader(_TableReader):
     def columns(self, path: Path) -> list[str]:
+        import pyarrow.parquet as pq
+
         return list(pq.read_schema(path).names)
 
     def chunks(self, path: Path, columns: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
+        import pyarrow.parquet as pq
+
         with pq.ParquetFile(path) as parquet:
             for batch in parquet.iter_batches(batch_size=chunk_rows, columns=columns):
                 yield batch.to_pandas()
@@ -87,6 +99,9 @@ INFLUX_SOURCE = "InfluxSource"
 
 def _read_error(measurement: str, error: Exception) -> AdapterError:
     """Sort a reading failure into bad input (the file is wrong: do not retry) or a transient I/O failure."""
+    import pandas as pd
+    import pyarrow as pa
+
     if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return _bad(f"source file {measurement!r} not found")
     if isinstance(error, PermissionError):
@@ -103,6 +118,10 @@ def _read_error(measurement: str, error: Exception) -> AdapterError:
 
 
 class EmbeddedExtractor(DataExtractor):
+    """With a `fork_server` (the pipeline engine's warm launcher), each extraction runs in a process forked from
+    it, where pandas and pyarrow are loaded already, unless this process carries them itself: the step runner
+    stays light. Without one, or when it cannot answer, the extraction runs here."""
+
     def __init__(
         self,
         source_roots: Sequence[Path],
@@ -111,16 +130,35 @@ class EmbeddedExtractor(DataExtractor):
         outbound: OutboundPolicy,
         chunk_rows: int = 100_000,
         influx_timeout: float = 30.0,
+        fork_server: Any = None,
+        answer_timeout: float = 3600.0,
     ):
         self.source_roots = [Path(r) for r in source_roots]
         self.dataset_dir = Path(dataset_dir)
         self.chunk_rows = max(1, chunk_rows)
         self.influx_timeout = float(influx_timeout)
         self.outbound = outbound
+        self.fork_server = fork_server
+        self.answer_timeout = answer_timeout
 
     # ------------------------------------------------------------------ DataExtractor
     def start(self, request: ExtractionRequest) -> ExtractionStatus:
         check_featurepath(request.featurepath)
+        if self.fork_server is not None and not _loaded_here():
+            answer = self.fork_server.extract(self._job(request), self.answer_timeout)
+            if answer is not None:
+                return _from_answer(answer)
+        return self._extract(request)
+
+    def _job(self, request: ExtractionRequest) -> dict[str, Any]:
+        """What a forked process needs to do this extraction (run_extraction_job), as JSON."""
+        return {"extractor": {"source_roots": [str(r) for r in self.source_roots],
+                              "dataset_dir": str(self.dataset_dir), "chunk_rows": self.chunk_rows,
+                              "influx_timeout": self.influx_timeout,
+                              "outbound": [self.outbound.allow, self.outbound.deny]},
+                "request": dataclasses.asdict(request)}
+
+    def _extract(self, request: ExtractionRequest) -> ExtractionStatus:
         if request.datalake_source == INFLUX_SOURCE:
             return self._start_influx(request, self._features(request))
         reader = self._reader(request.datalake_source)
@@ -307,6 +345,8 @@ class EmbeddedExtractor(DataExtractor):
                         header = False
                     rows += len(kept)
                 if header:
+                    import pandas as pd
+
                     pd.DataFrame(columns=features).to_csv(out, index=False)
                 out.flush()
                 os.fsync(out.fileno())
@@ -318,3 +358,36 @@ class EmbeddedExtractor(DataExtractor):
             chunks.close()  # type: ignore[attr-defined]  # a generator: its source is released now
             _discard(tmp)
         return rows
+
+
+def _loaded_here() -> bool:
+    """Whether this process carries pandas already (then nothing is saved by extracting elsewhere)."""
+    return "pandas" in sys.modules
+
+
+# ------------------------------------------------------------------ in a forked process (run_launcher)
+def run_extraction_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Do the extraction EmbeddedExtractor._job describes; its outcome as JSON: {"extracted": status} or
+    {"failed": {message, retryable, unreachable}}."""
+    try:
+        settings = job["extractor"]
+        allow, deny = settings["outbound"]
+        extractor = EmbeddedExtractor(settings["source_roots"], Path(settings["dataset_dir"]),
+                                      outbound=OutboundPolicy(allow, deny), chunk_rows=int(settings["chunk_rows"]),
+                                      influx_timeout=float(settings["influx_timeout"]))
+        status = extractor._extract(ExtractionRequest(**job["request"]))
+    except AdapterError as e:
+        return {"failed": {"message": str(e), "retryable": e.retryable, "unreachable": e.unreachable}}
+    except Exception as e:  # noqa: BLE001 - as in process, where the step comes back later: tried again
+        log.exception("extraction failed")
+        return {"failed": {"message": f"{e.__class__.__name__}: {e}", "retryable": True, "unreachable": False}}
+    return {"extracted": dataclasses.asdict(status)}
+
+
+def _from_answer(answer: dict[str, Any]) -> ExtractionStatus:
+    """The outcome a forked extraction sent (run_extraction_job), as start() gives it."""
+    if "extracted" in answer:
+        return ExtractionStatus(**answer["extracted"])
+    failed = answer.get("failed") or {}
+    raise AdapterError(str(failed.get("message") or "the extraction failed without a reason"),
+                       retryable=bool(failed.get("retryable")), unreachable=bool(failed.get("unreachable")))

@@ -148,6 +148,7 @@ def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
 
 class OutboundPolicy:
     def __init__(self, allow: str = "", deny: str = ""):
+        self.allow, self.deny = allow, deny  # as configured (a forked extraction builds the same policy)
         self.allow_networks, self.allow_names = self._entries(allow, "TM_OUTBOUND_ALLOW")
         self.deny_networks, self.deny_names = self._entries(deny, "TM_OUTBOUND_DENY")
         self.default_networks = [(rule, ipaddress.ip_network(cidr)) for rule, cidrs in DEFAULT_DENIED_NETWORKS

@@ -52,15 +52,17 @@ _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)
 
 # ------------------------------------------------------------------------------------------- the warm launcher
 class WarmLauncher:
-    """This engine's fork server (trainingmgr.adapters.run_launcher), asked to fork each run; launch() answers None
-    whenever it cannot, and the run then starts cold (the run's STARTER file decides who starts it: never both).
+    """This engine's fork server (trainingmgr.adapters.run_launcher), asked to fork each run and each embedded
+    extraction; launch() answers None whenever it cannot, and the run then starts cold (the run's STARTER file
+    decides who starts it: never both); extract() answers None when it cannot, and the extraction runs in process.
 
-    Enabled by start_warm_runner, it starts with the first run (which starts cold) and ends after 15 minutes
-    without one: an idle service does not keep kfp in memory (about 95 MB a launcher), a busy one starts its runs
-    in milliseconds. Its socket is in a folder of its own (mode 0700), and its answers count only from it (the
-    peer's pid, checked with SO_PEERCRED)."""
+    Enabled by start_warm_runner, it starts with the first extraction or run (an extraction waits for it, a run
+    starts cold) and ends after 15 minutes without a request: an idle service does not keep kfp, pandas and pyarrow
+    in memory (about 170 MB a launcher), a busy one starts its runs in milliseconds. Its socket is in a folder of
+    its own (mode 0700), and its answers count only from it (the peer's pid, checked with SO_PEERCRED)."""
 
     answer_timeout = 5.0  # a request the launcher does not answer within this is given up (the run starts cold)
+    ready_seconds = 60.0  # how long an extraction waits for a launcher that is starting (imports kfp and pandas)
 
     def __init__(self, runs_dir: Path):
         self.runs_dir = runs_dir
@@ -93,32 +95,92 @@ class WarmLauncher:
         except OSError as e:
             log.warning("the warm launcher could not start; runs start cold", extra={"error": str(e)})
             return None
-        process, path = self.process, self.socket_path
-        if process is None or not path or not os.path.exists(path):
-            return None  # not enabled, or still importing kfp
+        connection = self._connect()
+        if connection is None:
+            return None  # not enabled, still importing kfp, or not its own socket: the run starts cold
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-                connection.settimeout(self.answer_timeout)
-                connection.connect(path)
-                peer, _uid, _gid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                             struct.calcsize("3i")))
-                if peer != process.pid:
-                    log.error("the warm launcher's socket is held by another process; runs start cold",
-                              extra={"pid": peer})
-                    return None
+            with connection:
                 request = json.dumps({"run_dir": str(run_dir)}).encode() + b"\n"
                 connection.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [done_write]))])
-                answer = b""
-                while not answer.endswith(b"\n"):
-                    chunk = connection.recv(4096)
-                    if not chunk:
-                        break
-                    answer += chunk
+                answer = self._read_line(connection)
             pid = json.loads(answer or b"{}").get("pid")
         except (OSError, ValueError) as e:
             log.warning("the warm launcher did not answer; the run starts cold", extra={"error": str(e)})
             return None
         return pid if isinstance(pid, int) and pid > 0 else None
+
+    def extract(self, job: dict, timeout: float) -> dict | None:
+        """Have a process forked from the launcher do an extraction (extraction.run_extraction_job); its answer, or
+        None when the launcher cannot be asked (not enabled, or not ready within READY_SECONDS): then the caller
+        extracts itself. Waits for a launcher that is starting: that is what spares the caller pandas."""
+        try:
+            self.start()
+        except OSError as e:
+            log.warning("the warm launcher could not start; the extraction runs in the step runner",
+                        extra={"error": str(e)})
+            return None
+        deadline = time.monotonic() + self.ready_seconds
+        while self.process is not None and self.process.poll() is None and not os.path.exists(self.socket_path):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        connection = self._connect()
+        if connection is None:
+            return None
+        with connection:
+            try:
+                connection.sendall(json.dumps({"extract": job}).encode() + b"\n")
+                connection.settimeout(timeout)
+                answer = self._read_line(connection)
+            except socket.timeout:
+                raise AdapterError(f"the extraction did not end within {timeout:g} s", retryable=True) from None
+            except OSError as e:
+                log.warning("the warm launcher did not take the extraction; it runs in the step runner",
+                            extra={"error": str(e)})
+                return None
+        try:
+            parsed = json.loads(answer) if answer else None
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict) or not ({"extracted", "failed", "error"} & parsed.keys()):
+            # The forked process ended without a word: killed (out of memory?) or crashed.
+            raise AdapterError("the extraction's process ended without an answer", retryable=True)
+        if "error" in parsed:  # the launcher could not fork it
+            log.warning("the warm launcher could not start the extraction; it runs in the step runner",
+                        extra={"error": str(parsed["error"])[:300]})
+            return None
+        return parsed
+
+    def _connect(self) -> socket.socket | None:
+        """A connection to the launcher, checked to be its own (SO_PEERCRED), or None."""
+        process, path = self.process, self.socket_path
+        if process is None or not path or not os.path.exists(path):
+            return None
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            connection.settimeout(self.answer_timeout)
+            connection.connect(path)
+            peer, _uid, _gid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                         struct.calcsize("3i")))
+        except OSError as e:
+            connection.close()
+            log.warning("the warm launcher did not answer", extra={"error": str(e)})
+            return None
+        if peer != process.pid:
+            connection.close()
+            log.error("the warm launcher's socket is held by another process", extra={"pid": peer})
+            return None
+        return connection
+
+    @staticmethod
+    def _read_line(connection: socket.socket) -> bytes:
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = connection.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
 
     def stop(self) -> None:
         with self._lock:

@@ -1,6 +1,7 @@
-"""A warm start for pipeline runs: `python -m trainingmgr.adapters.run_launcher SOCKET` imports kfp once, then forks
-one process per run on request, so a run starts in milliseconds instead of an interpreter's start and kfp's import
-(about 0.6 s alone, seconds when several start at once on a loaded machine).
+"""A warm start for pipeline runs and extractions: `python -m trainingmgr.adapters.run_launcher SOCKET` imports kfp,
+pandas and pyarrow once, then forks one process per run or extraction on request, so a run starts in milliseconds
+instead of an interpreter's start and kfp's import (about 0.6 s alone, seconds when several start at once on a
+loaded machine), and the step runner that asks never carries pandas (about 100 MB) itself.
 
 Each run is still a process of its own, in a session of its own (terminable as a group, outliving the service),
 whose cwd is its run folder and whose stdout and stderr go to the folder's output.log: the same as a run started
@@ -10,7 +11,9 @@ answers.
 The protocol, over a Unix stream socket in a folder only this user may enter: the engine sends one line,
 `{"run_dir": ...}\\n`, with the write end of its "result written" pipe attached (SCM_RIGHTS); the launcher takes
 the run's start (STARTER), forks, and answers `{"pid": N}\\n` once the child works in its folder and has written
-its pid file, or `{"error": ...}\\n`.
+its pid file, or `{"error": ...}\\n`. For an extraction the engine sends `{"extract": JOB}\\n` (see
+extraction.run_extraction_job); the forked child does it and answers itself, `{"extracted": ...}\\n` or
+`{"failed": ...}\\n`, on the same connection; `{"error": ...}\\n` comes from the launcher when it could not fork.
 
 The launcher holds no thread (fork copies only the calling thread), reaps its children, ends with its parent (the
 process whose engine started it) and after IDLE_SECONDS without a run.
@@ -27,6 +30,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
+
+from ..lifetime import die_with_parent
 
 IDLE_SECONDS = 15 * 60  # a launcher no one asked for this long ends, and gives its memory back
 SETTLE_SECONDS = 10.0  # how long a forked run may take to settle in its folder (a loaded machine)
@@ -42,15 +48,6 @@ def _reap(*_: object) -> None:
             return
         if pid == 0:
             return
-
-
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def receive(connection: socket.socket) -> tuple[dict, int | None]:
@@ -72,8 +69,9 @@ def receive(connection: socket.socket) -> tuple[dict, int | None]:
     done_fd = fds[0] if fds else None
     try:
         request = json.loads(data or b"{}")
-        if not isinstance(request, dict) or not isinstance(request.get("run_dir"), str):
-            raise ValueError("a request is {\"run_dir\": ...}")
+        if not isinstance(request, dict) or not (isinstance(request.get("run_dir"), str)
+                                                 or isinstance(request.get("extract"), dict)):
+            raise ValueError("a request is {\"run_dir\": ...} or {\"extract\": {...}}")
     except ValueError:
         if done_fd is not None:
             os.close(done_fd)
@@ -111,33 +109,17 @@ def write_pid(run_dir: Path, pid: int) -> None:
     os.replace(run_dir / "pid.tmp", run_dir / "pid")
 
 
-def _run_child(run_dir: Path, done_fd: int | None, listener: socket.socket, connection: socket.socket,
-               settled: int) -> None:
-    """In the forked child: become the run (its own session, its folder, its log) and never return."""
+def _child(work: Callable[[], None], listener: socket.socket) -> None:
+    """In a forked child: do `work` and never return (whatever happens, the child must not go back to the
+    launcher's loop); exit 0 when it was done."""
     code = 1
     try:
         listener.close()
-        connection.close()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # kfp.local waits for its own task processes
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.setsid()
-        log = os.open(run_dir / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.close(log)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.close(null)
-        os.chdir(run_dir)
-        # The run is known by its pid file from now on, even if the launcher goes away before it answers.
-        write_pid(run_dir, os.getpid())
-        os.write(settled, b"1")
-        os.close(settled)
-        from .kfp_local_runner import run_and_report
-
-        run_and_report(run_dir, done_fd)
+        work()
         code = 0
-    except BaseException:  # noqa: BLE001 - whatever happens, the child must not go back to the launcher's loop
+    except BaseException:  # noqa: BLE001 - said on its output, and in its exit code
         import traceback
 
         traceback.print_exc()
@@ -147,6 +129,35 @@ def _run_child(run_dir: Path, done_fd: int | None, listener: socket.socket, conn
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _run(run_dir: Path, done_fd: int | None, connection: socket.socket, settled: int) -> None:
+    """Become the run (its own session, its folder, its log) and run it."""
+    connection.close()
+    os.setsid()
+    log = os.open(run_dir / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.chdir(run_dir)
+    # The run is known by its pid file from now on, even if the launcher goes away before it answers.
+    write_pid(run_dir, os.getpid())
+    os.write(settled, b"1")
+    os.close(settled)
+    from .kfp_local_runner import run_and_report
+
+    run_and_report(run_dir, done_fd)
+
+
+def _extract(job: dict, connection: socket.socket) -> None:
+    """Do one extraction and answer on the connection."""
+    from .extraction import run_extraction_job
+
+    connection.settimeout(None)
+    connection.sendall(json.dumps(run_extraction_job(job)).encode() + b"\n")
 
 
 def _give_up(run_dir: Path, pid: int) -> None:
@@ -161,11 +172,13 @@ def _give_up(run_dir: Path, pid: int) -> None:
 
 
 def serve(socket_path: str) -> None:
-    # Warm: what every run needs, imported once, before any fork.
+    # Warm: what every run and extraction needs, imported once, before any fork.
+    import pandas  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
     from kfp import local  # noqa: F401
     from kfp.components import load_component_from_file  # noqa: F401
 
-    from . import kfp_local_runner  # noqa: F401
+    from . import extraction, kfp_local_runner  # noqa: F401
 
     signal.signal(signal.SIGCHLD, _reap)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -198,16 +211,20 @@ def serve(socket_path: str) -> None:
                 done_fd = None
                 try:
                     request, done_fd = receive(connection)
-                    run_dir = Path(request["run_dir"])
                     if threading.active_count() != 1:  # a thread would not survive the fork, and may hold a lock
                         raise RuntimeError("the launcher has threads: it cannot fork safely")
+                    if "extract" in request:
+                        if os.fork() == 0:
+                            _child(lambda: _extract(request["extract"], connection), listener)
+                        continue  # the child answers; this copy of the connection is closed on leaving the block
+                    run_dir = Path(request["run_dir"])
                     if not claim_start(run_dir, os.getpid()):  # the engine gave up on us and started it cold
                         raise RuntimeError("the run's start was taken by another process")
                     settled_read, settled_write = os.pipe()
                     pid = os.fork()
                     if pid == 0:
                         os.close(settled_read)
-                        _run_child(run_dir, done_fd, listener, connection, settled_write)
+                        _child(lambda: _run(run_dir, done_fd, connection, settled_write), listener)
                     os.close(settled_write)
                     # Until the child works in its run folder, nothing shows it is the run (the engine checks
                     # the folder): its pid is given out only once it does.
@@ -231,7 +248,7 @@ def serve(socket_path: str) -> None:
 
 
 def main() -> None:
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so its socket file is removed
     serve(sys.argv[1])
 

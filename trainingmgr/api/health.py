@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from ..errors import ServiceUnavailable
+from ..errors import NotReady
 from .common import services
 
 bp = Blueprint("health", __name__)
@@ -16,8 +16,8 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    checks = services().readiness()
-    if any(state != "ok" for state in checks.values()):
-        failing = ", ".join(name for name, state in checks.items() if state != "ok")
-        raise ServiceUnavailable(f"Not ready: {failing} unreachable", extra={"checks": checks})
+    checks, failing = services().readiness()
+    if failing:
+        said = ", ".join(f"{name} {checks[name]}" for name in failing)
+        raise NotReady(f"Not ready: {said}", extra={"checks": checks})
     return {"status": "ready", "checks": checks}

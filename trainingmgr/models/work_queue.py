@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, delete, exists, func, or_, select, text, type_coerce, update
+from sqlalchemy import case, delete, exists, func, or_, select, type_coerce, update
 from sqlalchemy.orm import Session, aliased
 
 from .base import UtcDateTime, utcnow
 from .work import WorkItem
+from .work_wake import announce
 
 EXTRACT = "extract"
 START_RUN = "start_run"
@@ -24,7 +25,6 @@ WATCH_RUN = "watch_run"
 NOTIFY = "notify"
 KINDS = (EXTRACT, START_RUN, WATCH_RUN, NOTIFY)
 STEP_KINDS = (EXTRACT, START_RUN, WATCH_RUN)  # the work that moves a job; NOTIFY only tells its rApp
-WORK_CHANNEL = "trainingmgr_work"  # PostgreSQL's LISTEN/NOTIFY channel: new or hurried work
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,8 @@ class WorkQueue:
         return item
 
     def _announce(self) -> None:
-        """On PostgreSQL, tell the workers of every process that there is work (LISTEN/NOTIFY): delivered when the
-        caller's transaction commits, and not at all if it rolls back. SQLite has no such channel: a process's
-        own workers are woken in process (Container.wake_workers), the others find it at their next look."""
-        if self.session.get_bind().dialect.name == "postgresql":
-            self.session.execute(text(f"NOTIFY {WORK_CHANNEL}"))
+        """Wake the step runners of every process (see work_wake)."""
+        announce(self.session)
 
     def _of_kinds(self, kinds: tuple[str, ...]) -> list[Any]:
         """Items of `kinds`, in turn: a job's notifications go out in order, so only its oldest pending one counts

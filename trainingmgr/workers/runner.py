@@ -28,7 +28,8 @@ from ..models import TrainingJob, WorkItem
 from ..models import lifecycle as lc
 from ..models.lifecycle import JobStateMachine
 from ..models.base import utcnow
-from ..models.work_queue import NOTIFY, STEP_KINDS, WATCH_RUN, WORK_CHANNEL, LeaseLost, WorkQueue
+from ..models.work_queue import NOTIFY, STEP_KINDS, WATCH_RUN, LeaseLost, WorkQueue
+from ..models.work_wake import STEP_RUNNER_NAME, WORK_CHANNEL, WakePipe, wake_folder
 from .steps import StepExecutor, job_id_of_run
 
 log = logging.getLogger(__name__)
@@ -118,9 +119,12 @@ class Worker:
         self.threads = threads or settings.worker_threads
         self.notify_threads = notify_threads or settings.notify_threads
         self.poll = settings.worker_poll_seconds
-        # PostgreSQL rings the pools of every process (LISTEN/NOTIFY): a look is only a safety net there. SQLite has
-        # no channel between processes: idle threads peek every poll (a read, no write lock).
-        self.idle_poll = settings.worker_idle_poll_seconds if not settings.is_sqlite else self.poll
+        # Work queued by any process rings the pools (work_wake: NOTIFY, or a pipe beside an SQLite file): a look
+        # is only a safety net. An in-memory SQLite database has no such channel: idle threads peek every poll.
+        with app.app_context():
+            self.wake_folder = None if not settings.is_sqlite else wake_folder(db.engine)
+        self.idle_poll = self.poll if settings.is_sqlite and self.wake_folder is None else \
+            settings.worker_idle_poll_seconds
         self.pools = (Pool(STEP_KINDS), Pool(NOTIFY_KINDS))
         self.lease = settings.lease_seconds
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
@@ -132,8 +136,9 @@ class Worker:
 
     # ------------------------------------------------------------------------------------ life
     def start(self) -> "Worker":
-        # Build the adapters now (imports of pandas, kfp ...) so the first job does not pay for them.
-        for adapter in ("engine", "extractor", "object_store", "notifier"):
+        # Build the adapters now, so a broken configuration shows at start (pandas and kfp load with the first job
+        # that needs them: an idle step runner stays light).
+        for adapter in ("engine", "extractor", "object_store"):  # the notifier (requests) with the first notification
             getattr(self.container, adapter)
         self.container.engine.listen_for_run_ends(self.run_ended)
         self.container.engine.start_warm_runner()
@@ -148,6 +153,8 @@ class Worker:
         helpers = [(self._heartbeat, "tm-worker-heartbeat")]
         if not self.container.settings.is_sqlite:
             helpers.append((self._listen, "tm-worker-listen"))
+        elif self.wake_folder is not None:
+            helpers.append((self._listen_pipe, "tm-worker-listen"))
         for target, thread_name in helpers:
             t = threading.Thread(target=target, name=thread_name, daemon=True)
             t.start()
@@ -266,9 +273,13 @@ class Worker:
                 with pool.lock:
                     seen = pool.rings
                     rung = pool.watch.wait_for(lambda: pool.rings != seen or self._stop.is_set(), wait)
-                if not rung and due_in is not None and due_in <= wait:
+                if rung:
+                    # Claim, not peek: on SQLite the ring may come before the enqueue commits, and the claim's
+                    # write transaction waits for it where a read would not see the work yet.
+                    return not self._stop.is_set()
+                if due_in is not None and due_in <= wait:
                     return True  # its time came
-                blocked = False  # rung, or the idle poll passed: peek again
+                blocked = False  # the idle poll passed: peek again
             return False
         finally:
             with pool.lock:
@@ -343,6 +354,24 @@ class Worker:
                     except Exception:  # noqa: BLE001 - closing a broken connection says nothing new
                         pass
 
+    def _listen_pipe(self) -> None:
+        """SQLite: ring the pools when any process queues work (a byte in this process's pipe, see work_wake). The
+        pipe also tells others that this step runner is alive."""
+        assert self.wake_folder is not None
+        try:
+            pipe = WakePipe(self.wake_folder)
+        except OSError as e:  # the pools still look every TM_WORKER_IDLE_POLL_SECONDS
+            log.warning("cannot listen for work in %s: %s; idle workers look every %s s", self.wake_folder, e,
+                        f"{self.idle_poll:g}")
+            return
+        try:
+            while not self._stop.is_set():
+                if io_select.select([pipe], [], [], 1.0)[0]:
+                    pipe.drain()
+                    self.wake()
+        finally:
+            pipe.close()
+
     def _listen_connection(self) -> Any:
         """A connection of its own (LISTEN lasts as long as it does), outside the pool, with TCP keepalives: a
         connection that dies without a word (a host or a network gone) is noticed within about a minute."""
@@ -350,8 +379,10 @@ class Worker:
             engine = db.engine
         cargs, cparams = engine.dialect.create_connect_args(engine.url)
         cparams.setdefault("connect_timeout", 10)
-        return engine.dialect.loaded_dbapi.connect(*cargs, **cparams, keepalives=1, keepalives_idle=30,
-                                                   keepalives_interval=10, keepalives_count=3)
+        # Named, so that a step runner alive is a session of this name in pg_stat_activity (work_wake).
+        return engine.dialect.loaded_dbapi.connect(*cargs, **{**cparams, "application_name": STEP_RUNNER_NAME},
+                                                   keepalives=1, keepalives_idle=30, keepalives_interval=10,
+                                                   keepalives_count=3)
 
     def _heartbeat(self) -> None:
         # Keep the leases of long steps (a big extraction) alive while this process is.
