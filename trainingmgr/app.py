@@ -9,13 +9,15 @@ from sqlalchemy import event
 
 from . import SWAGGER_FILE
 from .config import Settings
+from .json_codec import FastJSONProvider, load_json
 
 
 def _engine_options(settings: Settings) -> dict[str, Any]:
     if settings.is_sqlite:
         # One connection per thread; wait for a busy database instead of failing at once.
-        return {"connect_args": {"timeout": 30, "check_same_thread": False}}
+        return {"connect_args": {"timeout": 30, "check_same_thread": False}, "json_deserializer": load_json}
     options: dict[str, Any] = {
+        "json_deserializer": load_json,  # the JSON columns of a job list: a sixth of its CPU with json.loads
         # No pre-ping on every check-out (a second round trip per request): only a connection idle for a while is
         # pinged (_postgres_checkout); a busy one found cut is handled when it happens (TrainingManagerApp tries a
         # read once more; the workers take their next look). LIFO keeps the busy connections busy.
@@ -99,6 +101,8 @@ def _ping(dbapi_connection: Any) -> None:
 
 
 class TrainingManagerApp(Flask):
+    json_provider_class = FastJSONProvider
+
     def dispatch_request(self) -> Any:
         """A read whose pooled connection turns out to be cut (the database restarted, a proxy or
         pg_terminate_backend ended it) is tried once more: SQLAlchemy has invalidated the pool's connections of

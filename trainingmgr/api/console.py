@@ -57,7 +57,7 @@ def jobs():
     new_job_form = None
     if _may(WRITER):  # what a new job may name
         new_job_form = {
-            "feature_groups": [fg.name for fg in services().feature_groups().list(
+            "feature_groups": [fg.name for fg in services().feature_groups().views(
                 PageRequest(limit=MAX_FEATURE_GROUPS)).items],
             "pipelines": [pipeline.name for pipeline in services().pipelines().list_pipelines()],
             "create_url": url_for("training_jobs.create_training_job"),
@@ -90,7 +90,7 @@ def job(job_id: int):
 
 @bp.get("/console/featuregroups")
 def feature_groups():
-    page = services().feature_groups().list(PageRequest(limit=MAX_FEATURE_GROUPS))
+    page = services().feature_groups().views(PageRequest(limit=MAX_FEATURE_GROUPS))
     return _page("console/feature_groups.html", "feature_groups",
                  groups=[dump_feature_group(fg) for fg in page.items], more=page.next_cursor is not None)
 
@@ -98,7 +98,7 @@ def feature_groups():
 @bp.get("/console/featuregroups/<featuregroup_name>")
 def feature_group(featuregroup_name: str):
     # dump_feature_group masks the token: the page can only ever show "****".
-    group = dump_feature_group(services().feature_groups().get(featuregroup_name))
+    group = dump_feature_group(services().feature_groups().view(featuregroup_name))
     return _page("console/feature_group.html", "feature_groups", group=group)
 
 

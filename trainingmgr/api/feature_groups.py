@@ -35,7 +35,7 @@ def create_feature_group():
 @bp.get(V1)
 def list_feature_groups():
     page_req = page_request(request.args, default_limit=MAX_PAGE, max_limit=MAX_PAGE, key_type=str)
-    page = services().feature_groups().list(page_req)
+    page = services().feature_groups().views(page_req)
     items = [dump_feature_group(fg) for fg in page.items]
     # "FeatureGroups" is the reference implementation's key, still read by its dashboard.
     return {"featuregroups": items, "FeatureGroups": items}, 200, next_link(page, page_req.limit)
@@ -44,7 +44,7 @@ def list_feature_groups():
 @bp.get(f"{V1}/<featuregroup_name>")
 @bp.get("/featureGroup/<featuregroup_name>", endpoint="get_feature_group_legacy")
 def get_feature_group(featuregroup_name: str):
-    fg = dump_feature_group(services().feature_groups().get(featuregroup_name))
+    fg = dump_feature_group(services().feature_groups().view(featuregroup_name))
     # The reference answered the bare object; the spec wraps it. Both fit in one body.
     return {**fg, "featuregroup": fg}
 

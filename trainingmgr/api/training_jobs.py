@@ -56,21 +56,22 @@ def create_training_job():
     body = json_body()
     data = load(_request_schema, body)
     sent = body.get("training_config", body.get("trainingConfig"))
-    job = services().training_jobs().create(data, config_as_sent=sent)
+    service = services().training_jobs()
+    job_id = service.create(data, config_as_sent=sent).id
     services().wake_workers()
-    return _dump(job), 201, {"Location": url_for(".get_training_job", training_job_id=job.id)}
+    return _dump(service.view(job_id)), 201, {"Location": url_for(".get_training_job", training_job_id=job_id)}
 
 
 @bp.get(V1, strict_slashes=False)
 def list_training_jobs():
     page_req = _page()
-    page = services().training_jobs().list(page_req)
+    page = services().training_jobs().views(page_req)
     return [_dump(job) for job in page.items], 200, next_link(page, page_req.limit)
 
 
 @bp.get(f"{V1}/<int:training_job_id>")
 def get_training_job(training_job_id: int):
-    return _dump(services().training_jobs().get(training_job_id))
+    return _dump(services().training_jobs().view(training_job_id))
 
 
 @bp.delete(f"{V1}/<int:training_job_id>")
@@ -99,12 +100,13 @@ def _id_before_a_word(raw: str) -> int:
 @bp.post(f"{V1}/<training_job_id>/cancel")
 def cancel_training_job(training_job_id: str):
     """Stop the job without deleting it: it ends CANCELLED, with its record and history."""
-    return _dump(services().training_jobs().cancel(_id_before_a_word(training_job_id)))
+    service = services().training_jobs()
+    return _dump(service.view(service.cancel(_id_before_a_word(training_job_id)).id))
 
 
 @bp.get(f"{V1}/<training_job_id>/status")
 def get_training_job_status(training_job_id: str):
-    return lc.ordered(services().training_jobs().get(_id_before_a_word(training_job_id)).steps_state)
+    return lc.ordered(services().training_jobs().steps_state(_id_before_a_word(training_job_id)))
 
 
 @bp.get(f"{V1}/<training_job_id>/events")
@@ -138,7 +140,7 @@ def get_training_job_logs(training_job_id: str):
 @bp.get(f"{V1}/<modelname:model_name>/<modelversion:model_version>")
 def list_training_jobs_of_model(model_name: str, model_version: str):
     page_req = _page()
-    page = services().training_jobs().list(page_req, modelname=model_name, modelversion=model_version)
+    page = services().training_jobs().views(page_req, modelname=model_name, modelversion=model_version)
     return [_dump(job) for job in page.items], 200, next_link(page, page_req.limit)
 
 

@@ -77,6 +77,15 @@ class TrainingJob(TimestampMixin, Base):
     model: Mapped[Model] = relationship(lazy="joined")
     feature_group: Mapped[FeatureGroup] = relationship(lazy="joined")
 
+    # As a row of JOB_VIEW has them (services.training_jobs): what a job's representation shows of its model.
+    @property
+    def modelname(self) -> str:
+        return self.model.modelname
+
+    @property
+    def modelversion(self) -> str:
+        return self.model.modelversion
+
 
 class JobEvent(Base):
     """One change of a job's state, written in the transaction that made it (JobStateMachine): the job's history,

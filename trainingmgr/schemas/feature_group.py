@@ -113,7 +113,8 @@ class FeatureGroupDeleteSchema(Schema):
 
 
 def dump_feature_group(fg: Any) -> dict[str, Any]:
-    """A stored FeatureGroup as clients see it: the token masked, absent optional values as "".
+    """A stored feature group as clients see it (a GROUP_VIEW row of services.feature_groups, or a FeatureGroup):
+    the token masked, absent optional values as "".
 
     A plain function rather than a marshmallow dump: it sits on the hottest read path.
     """

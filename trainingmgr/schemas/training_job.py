@@ -194,14 +194,15 @@ class PipelineNotificationSchema(DataExtractionNotificationSchema):
 
 
 def dump_training_job(job: Any, *, metrics_url: str) -> dict[str, Any]:
-    """A job as clients read it (absent values as "", as the reference did), plus what an operator needs."""
-    model = job.model
+    """A job as clients read it (absent values as "", as the reference did), plus what an operator needs. `job` is
+    a row of JOB_VIEW (services.training_jobs: the API's reads) or a TrainingJob, which has the same names."""
+    steps_state = ordered(job.steps_state)
     return {
         "id": job.id,
         "modelId": {
-            "id": model.id,
-            "modelname": model.modelname,
-            "modelversion": model.modelversion,
+            "id": job.model_id,
+            "modelname": job.modelname,
+            "modelversion": job.modelversion,
             "artifactversion": job.artifact_version,
         },
         "model_location": job.model_location or "",
@@ -214,7 +215,7 @@ def dump_training_job(job: Any, *, metrics_url: str) -> dict[str, Any]:
         "producer_rapp_id": job.producer_rapp_id or "",
         "model_url": job.model_url or "",
         "status": job.status,
-        "steps_state": ordered(job.steps_state),
+        "steps_state": steps_state,
         "is_retraining": job.is_retraining,
         "run_id": job.run_id or "",
         "failure_reason": job.failure_reason or "",
@@ -226,7 +227,7 @@ def dump_training_job(job: Any, *, metrics_url: str) -> dict[str, Any]:
         "updated_at": job.updated_at.isoformat(),
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
-        "steps": dump_steps(job.steps_state, job.step_times or {}),
+        "steps": dump_steps(steps_state, job.step_times or {}),
     }
 
 
@@ -235,15 +236,17 @@ def _iso(moment: Any) -> str | None:
 
 
 def dump_steps(steps_state: dict[str, str], step_times: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
-    """Each step in order: its state, when it started and ended, and how long it took (seconds; null until it
-    ended)."""
+    """Each step in the order of `steps_state` (ordered already): its state, when it started and ended, and how
+    long it took (seconds; null until it ended)."""
     steps = []
-    for step, state in ordered(steps_state).items():
-        times = step_times.get(step) or {}
-        started, ended = times.get("started_at"), times.get("ended_at")
-        duration = None
-        if started and ended:
-            duration = round((datetime.fromisoformat(ended) - datetime.fromisoformat(started)).total_seconds(), 3)
+    for step, state in steps_state.items():
+        times = step_times.get(step)
+        started = ended = duration = None
+        if times:
+            started, ended = times.get("started_at"), times.get("ended_at")
+            if started and ended:
+                duration = round((datetime.fromisoformat(ended) - datetime.fromisoformat(started)).total_seconds(),
+                                 3)
         steps.append({"name": step, "state": state, "started_at": started, "finished_at": ended,
                       "duration_seconds": duration})
     return steps

@@ -30,15 +30,18 @@ class Page(Generic[T]):
         return None if self.next_after is None else encode_cursor(self.next_after)
 
 
-def keyset_page(session: Any, query: Any, key: Any, page: PageRequest, *, descending: bool = False) -> Page[Any]:
-    """One page of `query`'s rows ordered by the column `key` (an ORM attribute), after the page's cursor."""
+def keyset_page(session: Any, query: Any, key: Any, page: PageRequest, *, descending: bool = False,
+                rows: bool = False) -> Page[Any]:
+    """One page of `query`'s results ordered by the column `key`, after the page's cursor: ORM objects, or with
+    `rows` the rows of a Core SELECT of columns (`key` among them)."""
     query = query.order_by(key.desc() if descending else key).limit(page.limit + 1)
     if page.after is not None:
         query = query.where(key < page.after if descending else key > page.after)
-    rows = list(session.scalars(query).unique())  # unique(): rows with joined eager loads come once
-    more = len(rows) > page.limit
-    rows = rows[: page.limit]
-    return Page(rows, getattr(rows[-1], key.key) if more else None)
+    # unique(): ORM objects with joined eager loads come once per row of theirs
+    found = list(session.execute(query)) if rows else list(session.scalars(query).unique())
+    more = len(found) > page.limit
+    found = found[: page.limit]
+    return Page(found, getattr(found[-1], key.key) if more else None)
 
 
 def encode_cursor(key: Any) -> str:
