@@ -96,3 +96,15 @@ def upload_pipeline(client: Any, name: str, path: Any, **form: str) -> dict[str,
     )
     assert response.status_code == 200, response.get_json()
     return response.get_json()
+
+
+def step_runner_listening(app: Any) -> bool:
+    """Whether a step runner listens for work on the app's database (as any process would ask: work_wake)."""
+    from trainingmgr.extensions import db
+    from trainingmgr.models.work_wake import live_step_runners
+
+    with app.app_context():
+        try:
+            return live_step_runners(db.session) >= 1
+        finally:
+            db.session.remove()

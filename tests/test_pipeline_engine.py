@@ -4,6 +4,7 @@ The pipelines are compiled here from tiny components that need nothing but the P
 (No `from __future__ import annotations` here: kfp reads the components' annotations as real types.)
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -587,11 +589,17 @@ def _extraction(measurement: str, *, source: str = "CsvSource", query_filter: st
                                      "db_org": "o", "token": "secret-token", "source_name": ""})
 
 
-def test_extractions_run_in_processes_forked_by_the_warm_launcher(make_engine, tmp_path, monkeypatch):
+def test_extractions_run_in_processes_forked_by_the_warm_launcher(make_engine, tmp_path, monkeypatch, caplog):
+    import logging
+
     engine = make_engine()
     engine.start_warm_runner()  # enabled, not started: the first extraction starts it and waits for it
     extractor = _forking_extractor(engine, tmp_path, monkeypatch)
-    status = extractor.start(_extraction("kpis.csv", query_filter="dl >= 2"))
+    with caplog.at_level(logging.INFO, logger="trainingmgr.adapters.extraction"):
+        status = extractor.start(_extraction("kpis.csv", query_filter="dl >= 2"))
+    # Its log line is written here, with its fields, as if the extraction had run in this process.
+    written = [r for r in caplog.records if r.getMessage() == "dataset written"]
+    assert len(written) == 1 and written[0].trainingjob_id == 7 and written[0].rows == 2
     assert status.state == "COMPLETED" and status.rows == 2
     assert Path(status.dataset_uri).read_text() == "cell,dl\nc2,2\nc3,3\n"
     assert engine.launcher.process is not None and engine.launcher.process.poll() is None
@@ -604,13 +612,12 @@ def test_extractions_run_in_processes_forked_by_the_warm_launcher(make_engine, t
     assert unknown.value.retryable is False and "query_filter" in str(unknown.value)
 
 
-def test_an_extraction_whose_process_is_killed_is_retryable(make_engine, tmp_path, monkeypatch):
-    """An InfluxDB that accepts the connection and never answers holds the forked extraction; killed (as by the
-    OOM killer), it answers nothing: the step is tried again later, and the launcher goes on."""
+@contextlib.contextmanager
+def _hanging_extraction(engine: LocalPipelineEngine, extractor) -> Iterator[tuple[int, list[BaseException]]]:
+    """An extraction from an InfluxDB that accepts the connection and never answers, asked in a thread: the pid of
+    the process the launcher forked for it, and (once the thread ended) what start() raised."""
     import socket
 
-    engine = make_engine(warm=True)
-    extractor = _forking_extractor(engine, tmp_path, monkeypatch)
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
@@ -620,7 +627,7 @@ def test_an_extraction_whose_process_is_killed_is_retryable(make_engine, tmp_pat
         try:
             extractor.start(_extraction("m", source="InfluxSource", host="127.0.0.1",
                                         port=str(silent.getsockname()[1])))
-        except BaseException as e:  # noqa: BLE001 - kept for the assertion below
+        except BaseException as e:  # noqa: BLE001 - kept for the caller's assertions
             outcome.append(e)
 
     asking = threading.Thread(target=extract)
@@ -634,15 +641,45 @@ def test_an_extraction_whose_process_is_killed_is_retryable(make_engine, tmp_pat
             forked = [int(p.name) for p in Path("/proc").iterdir()
                       if p.name.isdigit() and _ppid_or_none(int(p.name)) == launcher]
             time.sleep(0.05)
-        os.kill(forked[0], signal.SIGKILL)
+        yield forked[0], outcome
         asking.join(RUN_TIMEOUT)
-        assert not asking.is_alive()
+        assert not asking.is_alive(), "the step waited on"
     finally:
         silent.close()
         asking.join(RUN_TIMEOUT)
+
+
+def test_an_extraction_whose_process_is_killed_is_retryable(make_engine, tmp_path, monkeypatch):
+    """Killed (as by the OOM killer), the forked extraction answers nothing: the step is tried again later, and
+    the launcher goes on."""
+    engine = make_engine(warm=True)
+    with _hanging_extraction(engine, _forking_extractor(engine, tmp_path, monkeypatch)) as (forked, outcome):
+        os.kill(forked, signal.SIGKILL)
     assert len(outcome) == 1 and isinstance(outcome[0], AdapterError), outcome
     assert outcome[0].retryable and "ended without an answer" in str(outcome[0])
     assert engine.launcher.process.poll() is None, "the launcher goes on serving"
+
+
+def test_an_extraction_ends_with_its_launcher_and_the_launcher_removes_its_folder(make_engine, tmp_path,
+                                                                                    monkeypatch):
+    """The step runner stops (its launcher with it): the extraction the launcher forked ends too, and the waiting
+    step is told at once (retryable), instead of waiting for a source that does not answer."""
+    engine = make_engine(warm=True)
+    with _hanging_extraction(engine, _forking_extractor(engine, tmp_path, monkeypatch)) as (forked, outcome):
+        engine.launcher.process.send_signal(signal.SIGKILL)  # as when its step runner is killed
+        engine.launcher.process.wait(10)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while _ppid_or_none(forked) is not None and "Z" not in Path(f"/proc/{forked}/stat").read_text():
+        assert time.monotonic() < deadline, "the extraction outlived its launcher"
+        time.sleep(0.05)
+    assert len(outcome) == 1 and isinstance(outcome[0], AdapterError) and outcome[0].retryable, outcome
+    # A launcher told to end (SIGTERM: what it gets when its step runner dies) removes its private folder itself.
+    engine.launcher.start()
+    wait_for_warm_runner(engine)
+    folder = Path(engine.launcher.folder)
+    engine.launcher.process.terminate()
+    engine.launcher.process.wait(RUN_TIMEOUT)
+    assert not folder.exists()
 
 
 def test_an_extraction_runs_here_when_the_launcher_cannot_be_asked(make_engine, tmp_path):

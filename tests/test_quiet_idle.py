@@ -37,6 +37,11 @@ class StatementCounter:
 
 
 def test_idle_workers_send_no_writes_and_on_postgresql_nothing(app, worker, backend):
+    from tests.factories import step_runner_listening
+    from tests.processes import until
+
+    # The worker hears of work now (and has made its first claims, on being rung by its listener).
+    assert until(lambda: step_runner_listening(app), 60)
     time.sleep(1.0)  # the threads' first claims and peeks
     with app.app_context():
         counter = StatementCounter(db.engine)

@@ -87,3 +87,37 @@ def test_with_separate_workers_serve_starts_no_step_runner(tmp_path):
         assert _step_runners(server.pid) == [] and len(children(server.pid)) == 1
         ready = requests.get(base + "/readyz", timeout=10)
         assert ready.status_code == 200 and ready.json()["checks"]["step_runner"] == "none alive"
+
+
+def test_a_step_runner_that_cannot_be_started_is_tried_again_and_the_server_goes_on(tmp_path):
+    """Starting a process can fail (no memory, no file descriptor left: just when a runner died of it); the
+    master logs it and tries again after the backoff, it does not fall over."""
+    import logging
+
+    from trainingmgr.supervisor import FIRST_RESTART_DELAY, StepRunnerProcess
+
+    records: list[str] = []
+
+    class Log(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("test.supervisor")
+    logger.addHandler(Log())
+    runner = StepRunnerProcess(logger, argv=[str(tmp_path / "no-such-program")])
+    runner.manage()
+    assert runner.process is None and runner.delay == FIRST_RESTART_DELAY
+    assert records and "could not be started" in records[-1]
+    first_retry = runner.next_start
+    runner.manage()  # before its time: nothing
+    assert runner.next_start == first_retry
+    runner.next_start = 0.0
+    runner.manage()
+    assert runner.delay == 2 * FIRST_RESTART_DELAY, "the delay doubles while it keeps failing"
+
+
+def test_serve_refuses_an_in_memory_database(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "trainingmgr", "serve"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "TM_DATA_DIR": str(tmp_path), "TM_DATABASE_URL": "sqlite://"})
+    assert done.returncode != 0 and "in-memory SQLite database" in done.stderr, done.stderr[-2000:]

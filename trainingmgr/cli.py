@@ -88,6 +88,10 @@ def upgrade_database_in_child() -> None:
 def serve(host: str | None, port: int | None, workers: int | None, demo: bool) -> None:
     """Bring the database schema up to date, then serve with gunicorn."""
     settings = _settings(host=host, port=port, workers=workers)
+    url = settings.sqlalchemy_url
+    if url.startswith("sqlite:") and (url.rstrip("/") == "sqlite:" or ":memory:" in url or "mode=memory" in url):
+        raise click.ClickException("TM_DATABASE_URL names an in-memory SQLite database: each of serve's processes "
+                                   "would have one of its own; use a file (the default) or PostgreSQL")
     if demo:
         sys.exit(_serve_with_demo(settings, _demo_token(settings, None)))
     _check_security(settings)

@@ -56,8 +56,13 @@ class StepRunnerProcess:
     def manage(self) -> None:
         """Start it if it is not running and its restart delay has passed."""
         if self.process is None and not self.stopping and time.monotonic() >= self.next_start:
-            # Inherits the master's output (its log lines go where the server's go) and environment.
-            self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+            try:
+                # Inherits the master's output (its log lines go where the server's go) and environment.
+                self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+            except OSError as e:  # no memory, no file descriptor, no process left: try again later, serve on
+                self._later(time.monotonic())
+                self.log.error("step runner could not be started (%s); trying again in %s s", e, f"{self.delay:g}")
+                return
             self.started_at = time.monotonic()
             self.log.info("step runner started (pid %s)", self.process.pid)
 
@@ -78,11 +83,16 @@ class StepRunnerProcess:
             self.log.info("step runner (pid %s) %s", pid, how)
             return
         lived = time.monotonic() - self.started_at
-        self.delay = FIRST_RESTART_DELAY if lived >= STABLE_AFTER or not self.delay else \
-            min(MAX_RESTART_DELAY, self.delay * 2)
-        self.next_start = time.monotonic() + self.delay
+        self._later(self.started_at)
         self.log.error("step runner (pid %s) %s after %.0f s; starting another in %s s (training jobs wait "
                        "meanwhile)", pid, how, lived, f"{self.delay:g}")
+
+    def _later(self, since: float) -> None:
+        """The next start after a failure: quick after a runner that lived STABLE_AFTER since `since`, else the
+        delay doubles."""
+        stable = time.monotonic() - since >= STABLE_AFTER
+        self.delay = FIRST_RESTART_DELAY if stable or not self.delay else min(MAX_RESTART_DELAY, self.delay * 2)
+        self.next_start = time.monotonic() + self.delay
 
     def terminate(self) -> None:
         """Ask it to stop (SIGTERM); no restart from now on."""

@@ -366,9 +366,49 @@ def _loaded_here() -> bool:
 
 
 # ------------------------------------------------------------------ in a forked process (run_launcher)
+class _KeptLog(logging.Handler):
+    """The log lines of a forked extraction, sent back with its outcome: they belong in the service's log, which
+    the launcher's process does not write."""
+
+    _OWN = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = {k: v for k, v in vars(record).items()
+                  if k not in self._OWN and isinstance(v, (str, int, float, bool, type(None)))}
+        if record.exc_info:
+            fields["error"] = logging.Formatter().formatException(record.exc_info)[-2000:]
+        self.lines.append({"level": record.levelno, "logger": record.name, "message": record.getMessage(),
+                           "fields": fields})
+
+
+def replay_log(lines: list[dict[str, Any]]) -> None:
+    """The log lines a forked extraction sent, written to this process's log as if they were its own."""
+    for line in lines if isinstance(lines, list) else []:
+        try:
+            logging.getLogger(str(line["logger"])).log(int(line["level"]), "%s", str(line["message"]),
+                                                       extra=dict(line.get("fields") or {}))
+        except (KeyError, TypeError, ValueError):  # not a line we sent: dropped
+            continue
+
+
 def run_extraction_job(job: dict[str, Any]) -> dict[str, Any]:
     """Do the extraction EmbeddedExtractor._job describes; its outcome as JSON: {"extracted": status} or
-    {"failed": {message, retryable, unreachable}}."""
+    {"failed": {message, retryable, unreachable}}, with its log lines ("log")."""
+    kept = _KeptLog()
+    ours = logging.getLogger("trainingmgr")
+    ours.addHandler(kept)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False  # a forked process of its own: nothing of it goes anywhere but back with the answer
+    answer = _extraction_outcome(job)
+    answer["log"] = kept.lines
+    return answer
+
+
+def _extraction_outcome(job: dict[str, Any]) -> dict[str, Any]:
     try:
         settings = job["extractor"]
         allow, deny = settings["outbound"]
@@ -385,7 +425,8 @@ def run_extraction_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_answer(answer: dict[str, Any]) -> ExtractionStatus:
-    """The outcome a forked extraction sent (run_extraction_job), as start() gives it."""
+    """The outcome a forked extraction sent (run_extraction_job), as start() gives it; its log lines written here."""
+    replay_log(answer.get("log") or [])
     if "extracted" in answer:
         return ExtractionStatus(**answer["extracted"])
     failed = answer.get("failed") or {}

@@ -152,10 +152,14 @@ def _run(run_dir: Path, done_fd: int | None, connection: socket.socket, settled:
     run_and_report(run_dir, done_fd)
 
 
-def _extract(job: dict, connection: socket.socket) -> None:
-    """Do one extraction and answer on the connection."""
+def _extract(job: dict, connection: socket.socket, launcher: int) -> None:
+    """Do one extraction and answer on the connection; it ends with the launcher (which ends with its step
+    runner): an extraction nobody waits for any more does not go on."""
     from .extraction import run_extraction_job
 
+    die_with_parent()
+    if os.getppid() != launcher:  # the launcher ended before the line above
+        return
     connection.settimeout(None)
     connection.sendall(json.dumps(run_extraction_job(job)).encode() + b"\n")
 
@@ -184,13 +188,16 @@ def serve(socket_path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     Path(socket_path).unlink(missing_ok=True)
     # Only this user may ask for a run (it runs the pipeline a run folder names): the socket is created 0600, with
-    # no moment when it is more open.
+    # no moment when it is more open. It is bound under another name and renamed once it listens: whoever finds
+    # the socket at its path can connect (between bind and listen a connection is refused).
+    binding = socket_path + ".binding"
     previous_umask = os.umask(0o177)
     try:
-        listener.bind(socket_path)
+        listener.bind(binding)
     finally:
         os.umask(previous_umask)
     listener.listen(16)
+    os.rename(binding, socket_path)
     listener.settimeout(5)
     parent = os.getppid()
     print("ready", flush=True)
@@ -214,8 +221,9 @@ def serve(socket_path: str) -> None:
                     if threading.active_count() != 1:  # a thread would not survive the fork, and may hold a lock
                         raise RuntimeError("the launcher has threads: it cannot fork safely")
                     if "extract" in request:
+                        parent_of_child = os.getpid()
                         if os.fork() == 0:
-                            _child(lambda: _extract(request["extract"], connection), listener)
+                            _child(lambda: _extract(request["extract"], connection, parent_of_child), listener)
                         continue  # the child answers; this copy of the connection is closed on leaving the block
                     run_dir = Path(request["run_dir"])
                     if not claim_start(run_dir, os.getpid()):  # the engine gave up on us and started it cold
@@ -245,6 +253,11 @@ def serve(socket_path: str) -> None:
     finally:
         listener.close()
         Path(socket_path).unlink(missing_ok=True)
+        Path(binding).unlink(missing_ok=True)
+        try:  # its private folder (made by the engine that started it), which nobody else will remove if it died
+            os.rmdir(os.path.dirname(socket_path))
+        except OSError:
+            pass
 
 
 def main() -> None:

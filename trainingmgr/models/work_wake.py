@@ -6,7 +6,8 @@ own, named STEP_RUNNER_NAME, so the runners alive are the sessions of that name 
 database, on any host).
 
 SQLite (one machine by nature): each step runner holds a named pipe open for reading in the folder beside the
-database file (`<file>.wake/`, 0700); the enqueue writes a byte to each. A pipe whose reader is gone refuses a
+database file (`<file>.wake/`, this user's, mode 0700: a folder that is anything else is neither written to nor
+believed); the enqueue writes a byte to each. A pipe whose reader is gone refuses a
 writer (ENXIO): that is how a dead runner's pipe is told from a live one, and removed. The ring goes out once the
 enqueue's write is made, before it commits; the woken runner's claim is a write transaction, which waits for the
 enqueue's (SQLite has one writer at a time) and so sees the new work.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from sqlalchemy import text
 WORK_CHANNEL = "trainingmgr_work"  # PostgreSQL's LISTEN/NOTIFY channel: new or hurried work
 STEP_RUNNER_NAME = "trainingmgr-step-runner"  # application_name of a step runner's listening connection
 _WAKE_SUFFIX = ".wake"
+PIPE_SUFFIX = ".pipe"
 
 
 def wake_folder(bind: Any) -> Path | None:
@@ -35,38 +38,53 @@ def wake_folder(bind: Any) -> Path | None:
     return Path(url.database).resolve().parent / (Path(url.database).name + _WAKE_SUFFIX)
 
 
+def _own_folder(folder: Path) -> bool:
+    """Whether `folder` is a real folder (not a link) of this user that only this user may enter: a wake folder
+    anybody else could write in (a link to elsewhere, a file of theirs) is not written to, nor believed."""
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & 0o077 == 0
+
+
+def _pipes(folder: Path) -> list[Path]:
+    """The runners' pipes in `folder` (their names end in PIPE_SUFFIX; a pipe being made has another name)."""
+    if not _own_folder(folder):
+        return []
+    try:
+        return [folder / name for name in os.listdir(folder) if name.endswith(PIPE_SUFFIX)]
+    except OSError:
+        return []
+
+
 def ring(folder: Path) -> None:
     """Wake every step runner listening in `folder`; remove the pipes of runners that are gone. Never fails: a
     runner that misses a ring finds the work at its next look."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    for name in names:
-        _poke(folder / name, remove_if_dead=True)
+    for path in _pipes(folder):
+        _poke(path, remove_if_dead=True)
 
 
 def live_pipes(folder: Path) -> int:
     """How many step runners listen in `folder` right now."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return 0
-    return sum(_poke(folder / name, remove_if_dead=False) for name in names)
+    return sum(_poke(path, remove_if_dead=False) for path in _pipes(folder))
 
 
 def _poke(path: Path, *, remove_if_dead: bool) -> bool:
-    """Write a byte to the pipe at `path` if it has a reader; True when it has one."""
+    """Write a byte to the named pipe at `path` if it has a reader; True when it has one. Anything else there (a
+    link, a file) is neither written nor counted."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError as e:
-        if e.errno == errno.ENXIO and remove_if_dead:  # no reader: its runner is gone
+        if e.errno == errno.ENXIO and remove_if_dead:  # a pipe without a reader: its runner is gone
             try:
                 path.unlink()
             except OSError:
                 pass
         return False
     try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
         if remove_if_dead:
             os.write(fd, b"!")
     except BlockingIOError:  # its buffer is full of rings it has not read yet: it is awake already
@@ -80,16 +98,37 @@ def _poke(path: Path, *, remove_if_dead: bool) -> bool:
 
 class WakePipe:
     """A step runner's end: a named pipe in the wake folder, open for reading (and writing, so it never reads an
-    end of file) until close()."""
+    end of file) until close(). It is made under a name rings ignore and renamed once open, so no ring finds it
+    without a reader and removes it; alive() says whether it is still there (an operator may remove the folder)."""
 
     def __init__(self, folder: Path):
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.path = folder / f"{os.getpid()}-{secrets.token_hex(4)}"
-        os.mkfifo(self.path, 0o600)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        if not _own_folder(folder):
+            raise PermissionError(f"{folder} is not a folder of this user closed to others (mode 0700)")
+        name = f"{os.getpid()}-{secrets.token_hex(4)}"
+        making = folder / f".{name}"
+        os.mkfifo(making, 0o600)
+        try:
+            self.fd = os.open(making, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except OSError:
+            making.unlink(missing_ok=True)
+            raise
+        self.path = folder / (name + PIPE_SUFFIX)
+        os.rename(making, self.path)
+        self._inode = os.fstat(self.fd).st_ino
 
     def fileno(self) -> int:
         return self.fd
+
+    def alive(self) -> bool:
+        """Still in the folder (a ring could find it)."""
+        try:
+            return os.lstat(self.path).st_ino == self._inode
+        except OSError:
+            return False
 
     def drain(self) -> None:
         try:
@@ -99,10 +138,11 @@ class WakePipe:
             pass
 
     def close(self) -> None:
-        try:
-            self.path.unlink()
-        except OSError:
-            pass
+        if self.alive():
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
         os.close(self.fd)
 
 

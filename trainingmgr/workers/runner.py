@@ -163,14 +163,17 @@ class Worker:
                                           "notify_threads": self.notify_threads})
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 8.0) -> None:
+        """Within `timeout` seconds in all (serve's master kills its step runner after 10): the warm launcher
+        ends first, and with it the extractions it forked, so no step thread waits for one."""
+        deadline = time.monotonic() + timeout
         self.container.engine.listen_for_run_ends(None)
         self.container.engine.stop_warm_runner()
         self._stop.set()
         for pool in self.pools:
             pool.wake_all()
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
         self._threads.clear()
 
     def wake(self) -> None:
@@ -358,18 +361,26 @@ class Worker:
         """SQLite: ring the pools when any process queues work (a byte in this process's pipe, see work_wake). The
         pipe also tells others that this step runner is alive."""
         assert self.wake_folder is not None
-        try:
-            pipe = WakePipe(self.wake_folder)
-        except OSError as e:  # the pools still look every TM_WORKER_IDLE_POLL_SECONDS
-            log.warning("cannot listen for work in %s: %s; idle workers look every %s s", self.wake_folder, e,
-                        f"{self.idle_poll:g}")
-            return
-        try:
-            while not self._stop.is_set():
-                if io_select.select([pipe], [], [], 1.0)[0]:
-                    pipe.drain()
-                    self.wake()
-        finally:
+        pipe, delay = None, 0.0
+        while not self._stop.is_set():
+            if pipe is None or not pipe.alive():  # first, or its pipe was removed (the folder deleted ...)
+                if pipe is not None:
+                    pipe.close()
+                    pipe = None
+                try:
+                    pipe = WakePipe(self.wake_folder)
+                    delay = 0.0
+                    self.wake()  # work queued while nobody listened
+                except OSError as e:  # tried again; meanwhile the pools look every TM_WORKER_IDLE_POLL_SECONDS
+                    delay = next_outage_delay(delay)
+                    log.warning("cannot listen for work in %s: %s; trying again in %s s", self.wake_folder, e,
+                                f"{delay:g}")
+                    self._stop.wait(delay)
+                    continue
+            if io_select.select([pipe], [], [], 1.0)[0]:
+                pipe.drain()
+                self.wake()
+        if pipe is not None:
             pipe.close()
 
     def _listen_connection(self) -> Any:
