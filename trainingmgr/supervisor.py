@@ -49,10 +49,6 @@ class StepRunnerProcess:
         self.delay = 0.0
         self.stopping = False
 
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
     def manage(self) -> None:
         """Start it if it is not running and its restart delay has passed."""
         if self.process is None and not self.stopping and time.monotonic() >= self.next_start:
