@@ -12,7 +12,7 @@ import pytest
 
 from tests.factories import step_runner_listening
 from tests.processes import until
-from trainingmgr.models.work_wake import PIPE_SUFFIX, WakePipe, live_pipes, ring
+from trainingmgr.models.work_wake import PIPE_SUFFIX, RING_STEPS, WakePipe, live_pipes, ring
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_only_live_pipes_are_rung_and_counted(folder: Path, tmp_path: Path) -> N
         ring(folder)
         assert victim.read_text() == "HELLO" and (folder / f"file{PIPE_SUFFIX}").read_text() == "REGULAR"
         assert not dead.exists(), "a pipe without a reader is removed by a ring"
-        assert os.read(pipe.fd, 16) == b"!"
+        assert os.read(pipe.fd, 16) == RING_STEPS
     finally:
         pipe.close()
     assert live_pipes(folder) == 0 and not pipe.path.exists()

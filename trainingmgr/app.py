@@ -1,21 +1,30 @@
 """The application factory: the Flask app of one process, its database engine and its Container."""
 from __future__ import annotations
 
+import sqlite3
+import threading
 import time
 from typing import Any, Mapping
 
-from flask import Flask, has_request_context, request
+from flask import Flask, g, has_app_context, has_request_context, request
 from sqlalchemy import event
 
 from . import SWAGGER_FILE
 from .config import Settings
+from .extensions import READ_ONLY_FLAG
 from .json_codec import FastJSONProvider, load_json
+
+
+SQLITE_BUSY_TIMEOUT = 30.0  # seconds a write waits for another's lock before "database is locked"
 
 
 def _engine_options(settings: Settings) -> dict[str, Any]:
     if settings.is_sqlite:
-        # One connection per thread; wait for a busy database instead of failing at once.
-        return {"connect_args": {"timeout": 30, "check_same_thread": False}, "json_deserializer": load_json}
+        # One connection per thread; wait for a busy database instead of failing at once; this process's writers
+        # take turns (SerialisedSQLiteConnection: one write lock per engine, hence a class per app).
+        factory = type("SerialisedSQLiteConnection", (SerialisedSQLiteConnection,), {"writers": WriterTurns()})
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT, "check_same_thread": False, "factory": factory},
+                "json_deserializer": load_json}
     options: dict[str, Any] = {
         "json_deserializer": load_json,  # the JSON columns of a job list: a sixth of its CPU with json.loads
         # No pre-ping on every check-out (a second round trip per request): only a connection idle for a while is
@@ -47,19 +56,88 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+class WriterTurns:
+    """The write transactions of one process's threads on one SQLite database, one at a time.
+
+    SQLite lets one writer in and makes the others poll with growing sleeps (1, 2, 5, 10 ... 100 ms): a thread
+    that waits behind a few short writes loses tens of milliseconds after the lock is free. Threads of one process
+    queue here instead and go on the moment the writer before them ends; SQLite's own lock still orders them with
+    other processes. A thread that holds a turn through one connection and begins a write on another does not wait
+    for itself: SQLite answers that as it did before."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.holder: int | None = None  # the thread id holding the turn
+
+    def take(self) -> bool:
+        """False when no turn was taken (this thread holds it already, or SQLite's wait passed): go on without."""
+        me = threading.get_ident()
+        if self.holder == me or not self._lock.acquire(timeout=SQLITE_BUSY_TIMEOUT):
+            return False
+        self.holder = me
+        return True
+
+    def give_back(self) -> None:
+        self.holder = None
+        self._lock.release()
+
+
+class SerialisedSQLiteConnection(sqlite3.Connection):
+    """An SQLite connection whose write transactions take their turn in the process's WriterTurns; the turn ends
+    with the transaction (commit, rollback, close)."""
+
+    writers: WriterTurns  # set on the subclass made per engine (_engine_options)
+    holds_turn = False
+
+    def end_turn(self) -> None:
+        if self.holds_turn:
+            self.holds_turn = False
+            self.writers.give_back()
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            self.end_turn()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self.end_turn()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.end_turn()
+
+
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def _read_only_request() -> bool:
-    """Serving GET, HEAD or OPTIONS. These handlers only read: that is the rule this relies on."""
-    return has_request_context() and request.method in READ_ONLY_METHODS
+def _read_only() -> bool:
+    """Serving GET, HEAD or OPTIONS (these handlers only read: that is the rule this relies on), or inside
+    extensions.read_only_transactions()."""
+    if has_request_context() and request.method in READ_ONLY_METHODS:
+        return True
+    return has_app_context() and g.get(READ_ONLY_FLAG, False)
 
 
 def _sqlite_begin(conn: Any) -> None:
     # IMMEDIATE: take the write lock at the start. A deferred transaction that reads and then writes fails at
     # once with "database is locked" when another writer committed in between; waiting for the lock does not.
-    # A read-only request never writes: its deferred BEGIN neither waits for the writer nor blocks it (WAL).
-    conn.exec_driver_sql("BEGIN" if _read_only_request() else "BEGIN IMMEDIATE")
+    # A read-only transaction never writes: its deferred BEGIN neither waits for the writer nor blocks it (WAL).
+    if _read_only():
+        conn.exec_driver_sql("BEGIN")
+        return
+    dbapi_connection = conn.connection.dbapi_connection
+    dbapi_connection.holds_turn = dbapi_connection.writers.take()
+    try:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    except BaseException:
+        dbapi_connection.end_turn()
+        raise
 
 
 # A pooled connection unused for this long is pinged when checked out: a restart or a proxy's idle timeout cuts
@@ -75,7 +153,7 @@ def _postgres_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
     # statement has its own snapshot anyway, so answers are the same, and the BEGIN and ROLLBACK round trips (two
     # of a one-row GET's four) go away. psycopg2 sets this client-side, without a round trip. Workers
     # and writing requests keep their transactions.
-    if _read_only_request():
+    if _read_only():
         dbapi_connection.autocommit = True
 
 
@@ -114,7 +192,7 @@ class TrainingManagerApp(Flask):
         try:
             return super().dispatch_request()
         except DBAPIError as e:
-            if not (e.connection_invalidated and _read_only_request()):
+            if not (e.connection_invalidated and _read_only()):
                 raise
             db.session.rollback()
             self.logger.info("database connection was cut; the read is tried once more on a new one")

@@ -21,6 +21,7 @@ process whose engine started it) and after IDLE_SECONDS without a run.
 from __future__ import annotations
 
 import array
+import gc
 import json
 import os
 import select
@@ -184,6 +185,10 @@ def serve(socket_path: str) -> None:
 
     from . import extraction, kfp_local_runner  # noqa: F401
 
+    extraction.warm_up()
+    # What the warm-up and the imports made is kept out of the collector's passes: a forked child's collections
+    # would otherwise write to (and so copy) every page of it.
+    gc.freeze()
     signal.signal(signal.SIGCHLD, _reap)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     Path(socket_path).unlink(missing_ok=True)

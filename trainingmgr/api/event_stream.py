@@ -30,7 +30,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 from sqlalchemy import func, select
 
 from ..errors import AtCapacity, BadRequest, NotFound
-from ..extensions import db
+from ..extensions import db, read_only_transactions
 from ..http_worker import StreamDetached
 from ..models import JobEvent, Model, TrainingJob
 from ..schemas.training_job import dump_event
@@ -205,7 +205,7 @@ class EventHub:
                 self.streams.remove(stream)
 
     def newest_id(self) -> int:
-        with self.app.app_context():
+        with self.app.app_context(), read_only_transactions():
             newest = db.session.scalar(select(func.max(JobEvent.id))) or 0
             db.session.remove()
         return newest
@@ -295,7 +295,7 @@ class EventHub:
         """Pass on the new events; how many were read (BATCH: there may be more at once)."""
         after = min(stream.last_id for stream in streams)
         try:
-            with self.app.app_context():
+            with self.app.app_context(), read_only_transactions():
                 rows = db.session.execute(
                     select(JobEvent, Model.modelname, Model.modelversion, TrainingJob.status)
                     .join(TrainingJob, TrainingJob.id == JobEvent.job_id).join(Model, Model.id == TrainingJob.model_id)
@@ -322,7 +322,7 @@ class EventHub:
         due = [s for s in streams if now >= s.next_read and not s.finishing and not s.closed]
         if not due:
             return
-        with self.app.app_context():
+        with self.app.app_context(), read_only_transactions():
             jobs = services().training_jobs()
             # A remote engine is asked no more often than the steps ask it.
             interval = max(POLL_SECONDS, services().engine.watch_interval)

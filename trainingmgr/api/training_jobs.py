@@ -5,6 +5,7 @@ from flask import Blueprint, current_app, request, url_for
 from werkzeug.routing import BaseConverter
 
 from ..errors import BadRequest, NotFound
+from ..extensions import read_only_transactions
 from ..schemas.training_job import ModelTrainingRequestSchema, dump_event, dump_training_job
 from ..models import lifecycle as lc
 from ..services.pagination import page_request
@@ -58,8 +59,11 @@ def create_training_job():
     sent = body.get("training_config", body.get("trainingConfig"))
     job = services().training_jobs().create(data, config_as_sent=sent)
     services().wake_workers()
-    # The TrainingJob itself (dump_training_job takes it as it takes a JOB_VIEW row): no second read.
-    return _dump(job), 201, {"Location": url_for(".get_training_job", training_job_id=job.id)}
+    # The TrainingJob itself (dump_training_job takes it as it takes a JOB_VIEW row): no second query. Its
+    # attributes reload after the commit in a read-only transaction: on SQLite the write lock is not held while
+    # the answer is written, and the worker's claim of the new job does not wait for it.
+    with read_only_transactions():
+        return _dump(job), 201, {"Location": url_for(".get_training_job", training_job_id=job.id)}
 
 
 @bp.get(V1, strict_slashes=False)

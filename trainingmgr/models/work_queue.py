@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, aliased
 
 from .base import UtcDateTime, utcnow
 from .work import WorkItem
-from .work_wake import announce
+from .work_wake import RING_NOTIFY, RING_STEPS, announce
 
 EXTRACT = "extract"
 START_RUN = "start_run"
@@ -66,12 +66,12 @@ class WorkQueue:
             attempts=0,
         )
         self.session.add(item)
-        self._announce()
+        self._announce(kind)
         return item
 
-    def _announce(self) -> None:
+    def _announce(self, kind: str) -> None:
         """Wake the step runners of every process (see work_wake)."""
-        announce(self.session)
+        announce(self.session, RING_NOTIFY if kind == NOTIFY else RING_STEPS)
 
     def _of_kinds(self, kinds: tuple[str, ...]) -> list[Any]:
         """Items of `kinds`, in turn: a job's notifications go out in order, so only its oldest pending one counts
@@ -170,4 +170,4 @@ class WorkQueue:
             .values(due_at=utcnow())
             .execution_options(synchronize_session=False)
         )
-        self._announce()
+        self._announce(kind)

@@ -27,6 +27,9 @@ WORK_CHANNEL = "trainingmgr_work"  # PostgreSQL's LISTEN/NOTIFY channel: new or 
 STEP_RUNNER_NAME = "trainingmgr-step-runner"  # application_name of a step runner's listening connection
 _WAKE_SUFFIX = ".wake"
 PIPE_SUFFIX = ".pipe"
+# What a ring says (one byte): work for the notification threads, or for the step threads. A runner rings only
+# the pool it concerns; any other byte rings both.
+RING_NOTIFY, RING_STEPS = b"n", b"s"
 
 
 def wake_folder(bind: Any) -> Path | None:
@@ -58,11 +61,11 @@ def _pipes(folder: Path) -> list[Path]:
         return []
 
 
-def ring(folder: Path) -> None:
-    """Wake every step runner listening in `folder`; remove the pipes of runners that are gone. Never fails: a
-    runner that misses a ring finds the work at its next look."""
+def ring(folder: Path, what: bytes = RING_STEPS) -> None:
+    """Wake every step runner listening in `folder` (`what`: RING_NOTIFY or RING_STEPS); remove the pipes of
+    runners that are gone. Never fails: a runner that misses a ring finds the work at its next look."""
     for path in _pipes(folder):
-        _poke(path, remove_if_dead=True)
+        _poke(path, remove_if_dead=True, what=what)
 
 
 def live_pipes(folder: Path) -> int:
@@ -70,7 +73,7 @@ def live_pipes(folder: Path) -> int:
     return sum(_poke(path, remove_if_dead=False) for path in _pipes(folder))
 
 
-def _poke(path: Path, *, remove_if_dead: bool) -> bool:
+def _poke(path: Path, *, remove_if_dead: bool, what: bytes = RING_STEPS) -> bool:
     """Write a byte to the named pipe at `path` if it has a reader; True when it has one. Anything else there (a
     link, a file) is neither written nor counted."""
     try:
@@ -86,7 +89,7 @@ def _poke(path: Path, *, remove_if_dead: bool) -> bool:
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             return False
         if remove_if_dead:
-            os.write(fd, b"!")
+            os.write(fd, what)
     except BlockingIOError:  # its buffer is full of rings it has not read yet: it is awake already
         pass
     except OSError:
@@ -130,12 +133,15 @@ class WakePipe:
         except OSError:
             return False
 
-    def drain(self) -> None:
+    def drain(self) -> bytes:
+        """The distinct bytes rung since the last drain."""
+        rung = set()
         try:
-            while os.read(self.fd, 4096):
-                pass
+            while chunk := os.read(self.fd, 4096):
+                rung.update(chunk)
         except BlockingIOError:
             pass
+        return bytes(sorted(rung))
 
     def close(self) -> None:
         if self.alive():
@@ -146,8 +152,9 @@ class WakePipe:
         os.close(self.fd)
 
 
-def announce(session: Any) -> None:
-    """Tell the step runners of every process that there is work (called in the enqueue's transaction)."""
+def announce(session: Any, what: bytes = RING_STEPS) -> None:
+    """Tell the step runners of every process that there is work (called in the enqueue's transaction); `what`:
+    RING_NOTIFY or RING_STEPS."""
     bind = session.get_bind()
     if bind.dialect.name == "postgresql":
         session.execute(text(f"NOTIFY {WORK_CHANNEL}"))  # delivered when the transaction commits
@@ -157,7 +164,7 @@ def announce(session: Any) -> None:
         # The write first: from then on this transaction holds SQLite's write lock, which the woken runner's claim
         # waits for. A ring before it could be answered by a claim that finds nothing, and no ring would follow.
         session.flush()
-        ring(folder)
+        ring(folder, what)
 
 
 def live_step_runners(session: Any) -> int:

@@ -23,13 +23,13 @@ from flask import Flask
 from sqlalchemy import exists, select
 
 from ..errors import database_unavailable, describe_database_error
-from ..extensions import db
+from ..extensions import db, read_only_transactions
 from ..models import TrainingJob, WorkItem
 from ..models import lifecycle as lc
 from ..models.lifecycle import JobStateMachine
 from ..models.base import utcnow
 from ..models.work_queue import NOTIFY, STEP_KINDS, WATCH_RUN, LeaseLost, WorkQueue
-from ..models.work_wake import STEP_RUNNER_NAME, WORK_CHANNEL, WakePipe, wake_folder
+from ..models.work_wake import RING_NOTIFY, RING_STEPS, STEP_RUNNER_NAME, WORK_CHANNEL, WakePipe, wake_folder
 from .steps import StepExecutor, job_id_of_run
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,14 @@ class DatabaseOutage:
 class Pool:
     """Threads that claim the same kinds of work, and how they wait for it when there is none.
 
-    One idle thread keeps watch: it peeks (a read) when the next item is due and sleeps until then, or until the
-    pool is rung (work was queued or hurried: in this process, or on PostgreSQL by NOTIFY from any process), or at
-    most the idle poll. The other idle threads wait to be rung. A ring wakes one of them to claim, and the watcher
-    to peek again; a thread that claims an item rings, so that the next one looks too. Idle, a pool sends one read
-    per idle poll to the database, and no write."""
+    One idle thread keeps watch: it peeks (a read) when the next item is due and sleeps until then, or until it is
+    told to look (a nudge: a step of this process ended, or work was queued and committed here or, on PostgreSQL,
+    anywhere) or to claim (a ring: on SQLite another process queues work and may not have committed it yet, so a
+    claim, which waits for its write, answers it where a read would not see it), or at most the idle poll. The other
+    idle threads wait to take the watch. One thread claims at a time when woken; one that claims an item nudges,
+    so that the next watcher looks for more. Idle, a pool sends one read per idle poll to the database, and no
+    write; a step's end costs one read and one claim, not one claim per idle thread (on SQLite they queue for the
+    one write lock)."""
 
     def __init__(self, kinds: tuple[str, ...]):
         self.kinds = kinds
@@ -94,18 +97,28 @@ class Pool:
         self.idle = threading.Condition(self.lock)  # idle threads but the watcher wait here
         self.watch = threading.Condition(self.lock)  # the watcher sleeps here
         self.rings = 0
+        self.answered = 0  # the rings a claim has answered (one rung while no thread watched is answered later)
+        self.nudges = 0
         self.watching = False
+
+    @property
+    def signals(self) -> tuple[int, int]:
+        return self.rings, self.nudges
 
     def ring(self) -> None:
         with self.lock:
             self.rings += 1
-            self.idle.notify()
+            self.watch.notify()
+
+    def nudge(self) -> None:
+        with self.lock:
+            self.nudges += 1
             self.watch.notify()
 
     def wake_all(self) -> None:
         """The worker stops: every waiting thread returns."""
         with self.lock:
-            self.rings += 1
+            self.nudges += 1
             self.idle.notify_all()
             self.watch.notify_all()
 
@@ -177,9 +190,18 @@ class Worker:
         self._threads.clear()
 
     def wake(self) -> None:
-        """Work was queued or hurried: the idle threads look now."""
+        """Work was queued or hurried and committed: the pools look now (a read), and claim what is due."""
         for pool in self.pools:
-            pool.ring()
+            pool.nudge()
+
+    def _rung(self, what: bytes) -> None:
+        """A process queued work it may not have committed yet (SQLite's pipes): the pool it is for claims now
+        (`what`: the bytes rung, see work_wake)."""
+        steps, notify = self.pools
+        if set(what) - {RING_NOTIFY[0]}:  # a step's work, or a byte that does not say
+            steps.ring()
+        if set(what) - {RING_STEPS[0]}:
+            notify.ring()
 
     def run_ended(self, run_id: str) -> None:
         """The engine saw a run end: its watch step is due now, not at its next look (called from the engine)."""
@@ -232,8 +254,9 @@ class Worker:
         while not self._stop.is_set():
             with self.app.app_context():
                 try:
+                    # After a step the thread goes idle too: the watcher looks (the step nudged it) and claims.
                     worked = claim_now and self._one(owner, pool)
-                    claim_now = worked or self._idle(pool, claimed_nothing=claim_now)
+                    claim_now = self._idle(pool, claimed_nothing=claim_now and not worked)
                     outage_delay, cut_forgiven = 0.0, False
                     self.outage.succeeded()
                 except Exception as e:  # one bad item must not kill the thread; it comes back when its lease ends
@@ -252,37 +275,37 @@ class Worker:
             if outage_delay:
                 # New work queued by this process (a ring) means the database answered it: look again at once.
                 with pool.lock:
-                    seen = pool.rings
-                    pool.idle.wait_for(lambda: pool.rings != seen or self._stop.is_set(), outage_delay)
+                    seen = pool.signals
+                    pool.idle.wait_for(lambda: pool.signals != seen or self._stop.is_set(), outage_delay)
 
     def _idle(self, pool: Pool, *, claimed_nothing: bool) -> bool:
         """Wait while the pool has no work; True when this thread should claim. One thread keeps watch (peeks when
-        the next item is due, sleeps until then or a ring); the others wait for a ring, or to take the watch."""
+        the next item is due or it is nudged, sleeps until then, claims when rung); the others wait to take the
+        watch."""
         with pool.lock:
-            seen = pool.rings
-            if pool.watching:
-                pool.idle.wait_for(lambda: pool.rings != seen or self._stop.is_set() or not pool.watching)
-                return pool.rings != seen
+            pool.idle.wait_for(lambda: not pool.watching or self._stop.is_set())
+            if self._stop.is_set():
+                return False
             pool.watching = True
         try:
             # Right after an empty claim, an item the peek calls due is one that cannot be taken yet (held in a
             # transaction elsewhere, or a notification behind an earlier one): wait a poll before claiming again.
             blocked = claimed_nothing
             while not self._stop.is_set():
+                with pool.lock:
+                    if pool.rings != pool.answered:  # rung (perhaps before this thread watched): claim, not peek
+                        pool.answered = pool.rings
+                        return True
+                    seen = pool.signals  # taken before the peek: a nudge during it is not lost
                 due_in = self._due_in(pool)
                 if due_in is not None and due_in <= 0 and not blocked:
                     return True
                 wait = self.idle_poll if due_in is None else min(self.idle_poll, max(due_in, self.poll))
                 with pool.lock:
-                    seen = pool.rings
-                    rung = pool.watch.wait_for(lambda: pool.rings != seen or self._stop.is_set(), wait)
-                if rung:
-                    # Claim, not peek: on SQLite the ring may come before the enqueue commits, and the claim's
-                    # write transaction waits for it where a read would not see the work yet.
-                    return not self._stop.is_set()
-                if due_in is not None and due_in <= wait:
+                    woken = pool.watch.wait_for(lambda: pool.signals != seen or self._stop.is_set(), wait)
+                if not woken and due_in is not None and due_in <= wait:
                     return True  # its time came
-                blocked = False  # the idle poll passed: peek again
+                blocked = False  # nudged, rung or the idle poll passed: look again
             return False
         finally:
             with pool.lock:
@@ -291,15 +314,16 @@ class Worker:
 
     def _due_in(self, pool: Pool) -> float | None:
         """Seconds until the pool's next item may be claimed (0 or less: now); None when there is none."""
-        moment = WorkQueue(db.session).next_due(pool.kinds)
-        db.session.rollback()  # end the read's transaction: nothing held while waiting
+        with read_only_transactions():  # a peek takes no write lock, nor waits for one
+            moment = WorkQueue(db.session).next_due(pool.kinds)
+            db.session.rollback()  # end the read's transaction: nothing held while waiting
         return None if moment is None else (moment - utcnow()).total_seconds()
 
     def _one(self, owner: str, pool: Pool) -> bool:
         claim = WorkQueue(db.session).claim(owner, self.lease, pool.kinds)
         if claim is None:
             return False
-        pool.ring()  # there may be more: the next idle thread looks too
+        pool.nudge()  # there may be more: the next watcher looks
         with self._held_lock:
             self._held[owner] = claim.id
         started = time.perf_counter()
@@ -318,7 +342,10 @@ class Worker:
         finally:
             with self._held_lock:
                 self._held.pop(owner, None)
-            # The step queued the job's next work (a notification too), perhaps due later: the watchers peek again.
+            # Whatever the step read after its last commit ends here, not after this thread's idle wait: on SQLite
+            # a transaction a worker begins holds the write lock.
+            _remove_quietly()
+            # The step queued the job's next work (a notification too), perhaps due later: the watchers look again.
             self.wake()
         return True
 
@@ -378,8 +405,7 @@ class Worker:
                     self._stop.wait(delay)
                     continue
             if io_select.select([pipe], [], [], 1.0)[0]:
-                pipe.drain()
-                self.wake()
+                self._rung(pipe.drain())  # the enqueue that rang may not have committed yet
         if pipe is not None:
             pipe.close()
 

@@ -301,7 +301,7 @@ class StepExecutor:
         )
         self.queue.finish(claim)
         self.session.commit()
-        log.info("pipeline run started", extra={"trainingjob_id": job.id, "run_id": run_id})
+        log.info("pipeline run started", extra={"trainingjob_id": claim.job_id, "run_id": run_id})
 
     # -------------------------------------------------------------------------------------- watch the run
     def watch_run(self, claim: Claim) -> None:
@@ -355,14 +355,17 @@ class StepExecutor:
             return self._retry_or_fail(claim, job, e, "the trained model could not be stored")
         kept_log = run_log_to_keep(engine, job, self.settings.run_log_max_bytes)
         job.metrics = status.metrics or job.metrics
-        job.model_url = self.container.model_url(modelname, modelversion, artifact)
+        job.model_url = model_url = self.container.model_url(modelname, modelversion, artifact)
+        run_id = job.run_id
         if kept_log is not None:
             self.session.merge(kept_log)
         self.state_machine.move(job, (lc.TRAINING_AND_TRAINED_MODEL, lc.FINISHED), (lc.TRAINED_MODEL, lc.FINISHED))
         self.queue.finish(claim)
         self.session.commit()
-        engine.cleanup(job.run_id)
-        log.info("training job finished", extra={"trainingjob_id": job.id, "model_url": job.model_url})
+        # The job's attributes are not read again after the commit: that would begin a transaction (on SQLite,
+        # the write lock) for a log line.
+        engine.cleanup(run_id)
+        log.info("training job finished", extra={"trainingjob_id": claim.job_id, "model_url": model_url})
 
     def _terminate_quietly(self, run_id: str | None) -> None:
         if not run_id:
