@@ -132,12 +132,21 @@ def _sqlite_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN")
         return
     dbapi_connection = conn.connection.dbapi_connection
+    waited = time.monotonic()
     dbapi_connection.holds_turn = dbapi_connection.writers.take()
+    # A turn not had within the busy timeout means a writer of this process holds the lock that long: SQLite
+    # would keep this one waiting as long again, so it answers "database is locked" now instead (no wait).
+    out_of_time = not dbapi_connection.holds_turn and time.monotonic() - waited >= SQLITE_BUSY_TIMEOUT
     try:
+        if out_of_time:
+            dbapi_connection.execute("PRAGMA busy_timeout = 0")
         conn.exec_driver_sql("BEGIN IMMEDIATE")
     except BaseException:
         dbapi_connection.end_turn()
         raise
+    finally:
+        if out_of_time:
+            dbapi_connection.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
 
 
 # A pooled connection unused for this long is pinged when checked out: a restart or a proxy's idle timeout cuts

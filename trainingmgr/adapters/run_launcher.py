@@ -185,7 +185,10 @@ def serve(socket_path: str) -> None:
 
     from . import extraction, kfp_local_runner  # noqa: F401
 
-    extraction.warm_up()
+    try:
+        extraction.warm_up()
+    except Exception as e:  # noqa: BLE001 - only a speed-up: each extraction then pays for its first use itself
+        print(f"extraction warm-up failed: {e.__class__.__name__}: {e}", flush=True)
     # What the warm-up and the imports made is kept out of the collector's passes: a forked child's collections
     # would otherwise write to (and so copy) every page of it.
     gc.freeze()
@@ -223,7 +226,9 @@ def serve(socket_path: str) -> None:
                 done_fd = None
                 try:
                     request, done_fd = receive(connection)
-                    if threading.active_count() != 1:  # a thread would not survive the fork, and may hold a lock
+                    # A Python thread would not survive the fork, and may hold a lock. (Native pools started by the
+                    # imports, OpenBLAS's and jemalloc's, register their own at-fork handlers.)
+                    if threading.active_count() != 1:
                         raise RuntimeError("the launcher has threads: it cannot fork safely")
                     if "extract" in request:
                         parent_of_child = os.getpid()

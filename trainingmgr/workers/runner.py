@@ -38,6 +38,7 @@ NOTIFY_KINDS = (NOTIFY,)
 OUTAGE_FIRST_DELAY = 0.5  # seconds a thread waits after its first failure to reach the database
 OUTAGE_MAX_DELAY = 30.0  # ... doubling up to this
 OUTAGE_LOG_INTERVAL = 60.0  # at most one "still unreachable" line per this many seconds
+RUNG = "rung"  # what _idle returns when the thread claims to answer a ring
 
 
 def next_outage_delay(delay: float) -> float:
@@ -87,15 +88,18 @@ class Pool:
     anywhere) or to claim (a ring: on SQLite another process queues work and may not have committed it yet, so a
     claim, which waits for its write, answers it where a read would not see it), or at most the idle poll. The other
     idle threads wait to take the watch. One thread claims at a time when woken; one that claims an item nudges,
-    so that the next watcher looks for more. Idle, a pool sends one read per idle poll to the database, and no
-    write; a step's end costs one read and one claim, not one claim per idle thread (on SQLite they queue for the
-    one write lock)."""
+    so that the next watcher looks for more, and so does one that answered a ring and found nothing (its claim
+    waited for the enqueue's commit, which a peek just before may have missed). Threads backing off while the
+    database is away wait apart, and any ring or nudge ends their wait. Idle, a pool sends one read per idle poll
+    to the database, and no write; a step's end costs one read and one claim, not one claim per idle thread (on
+    SQLite they queue for the one write lock)."""
 
     def __init__(self, kinds: tuple[str, ...]):
         self.kinds = kinds
         self.lock = threading.Lock()
-        self.idle = threading.Condition(self.lock)  # idle threads but the watcher wait here
+        self.idle = threading.Condition(self.lock)  # idle threads but the watcher wait here (to take the watch)
         self.watch = threading.Condition(self.lock)  # the watcher sleeps here
+        self.backoff = threading.Condition(self.lock)  # threads backing off while the database is away
         self.rings = 0
         self.answered = 0  # the rings a claim has answered (one rung while no thread watched is answered later)
         self.nudges = 0
@@ -109,11 +113,13 @@ class Pool:
         with self.lock:
             self.rings += 1
             self.watch.notify()
+            self.backoff.notify_all()  # work queued: the database answered someone, look again at once
 
     def nudge(self) -> None:
         with self.lock:
             self.nudges += 1
             self.watch.notify()
+            self.backoff.notify_all()
 
     def wake_all(self) -> None:
         """The worker stops: every waiting thread returns."""
@@ -121,6 +127,7 @@ class Pool:
             self.nudges += 1
             self.idle.notify_all()
             self.watch.notify_all()
+            self.backoff.notify_all()
 
 
 class Worker:
@@ -255,7 +262,7 @@ class Worker:
             with self.app.app_context():
                 try:
                     # After a step the thread goes idle too: the watcher looks (the step nudged it) and claims.
-                    worked = claim_now and self._one(owner, pool)
+                    worked = claim_now and self._one(owner, pool, answering_ring=claim_now == RUNG)
                     claim_now = self._idle(pool, claimed_nothing=claim_now and not worked)
                     outage_delay, cut_forgiven = 0.0, False
                     self.outage.succeeded()
@@ -276,13 +283,14 @@ class Worker:
                 # New work queued by this process (a ring) means the database answered it: look again at once.
                 with pool.lock:
                     seen = pool.signals
-                    pool.idle.wait_for(lambda: pool.signals != seen or self._stop.is_set(), outage_delay)
+                    pool.backoff.wait_for(lambda: pool.signals != seen or self._stop.is_set(), outage_delay)
 
-    def _idle(self, pool: Pool, *, claimed_nothing: bool) -> bool:
-        """Wait while the pool has no work; True when this thread should claim. One thread keeps watch (peeks when
-        the next item is due or it is nudged, sleeps until then, claims when rung); the others wait to take the
-        watch."""
+    def _idle(self, pool: Pool, *, claimed_nothing: bool) -> bool | str:
+        """Wait while the pool has no work; true when this thread should claim (RUNG: to answer a ring). One
+        thread keeps watch (peeks when the next item is due or it is nudged, sleeps until then, claims when rung);
+        the others wait to take the watch."""
         with pool.lock:
+            waited = pool.watching
             pool.idle.wait_for(lambda: not pool.watching or self._stop.is_set())
             if self._stop.is_set():
                 return False
@@ -290,12 +298,13 @@ class Worker:
         try:
             # Right after an empty claim, an item the peek calls due is one that cannot be taken yet (held in a
             # transaction elsewhere, or a notification behind an earlier one): wait a poll before claiming again.
-            blocked = claimed_nothing
+            # Not after waiting to take the watch: that claim is long past.
+            blocked = claimed_nothing and not waited
             while not self._stop.is_set():
                 with pool.lock:
                     if pool.rings != pool.answered:  # rung (perhaps before this thread watched): claim, not peek
                         pool.answered = pool.rings
-                        return True
+                        return RUNG
                     seen = pool.signals  # taken before the peek: a nudge during it is not lost
                 due_in = self._due_in(pool)
                 if due_in is not None and due_in <= 0 and not blocked:
@@ -319,9 +328,13 @@ class Worker:
             db.session.rollback()  # end the read's transaction: nothing held while waiting
         return None if moment is None else (moment - utcnow()).total_seconds()
 
-    def _one(self, owner: str, pool: Pool) -> bool:
+    def _one(self, owner: str, pool: Pool, *, answering_ring: bool = False) -> bool:
         claim = WorkQueue(db.session).claim(owner, self.lease, pool.kinds)
         if claim is None:
+            if answering_ring:
+                # The claim waited for the enqueue that rang to commit; the watcher may have peeked before it
+                # did (and found nothing, or not its due time): it looks again now.
+                pool.nudge()
             return False
         pool.nudge()  # there may be more: the next watcher looks
         with self._held_lock:

@@ -1,0 +1,116 @@
+"""The idle worker threads hear of work however it comes, and always have a watcher.
+
+A pool's idle threads: one watches (peeks, claims when rung or when an item is due), the others wait to take the
+watch; threads backing off while the database is away wait apart. These tests check the cases a review found the
+first version of this scheme to miss (each waited out the 30 s idle poll, or a 20 s outage backoff).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from sqlalchemy import create_engine, exc, select
+from sqlalchemy.orm import Session
+
+from tests.factories import step_runner_listening
+from tests.processes import until
+from trainingmgr.models import WorkItem
+from trainingmgr.models.work_queue import WATCH_RUN, WorkQueue
+from trainingmgr.workers import runner
+
+
+def test_a_thread_backing_off_from_an_outage_hears_of_new_work(build_app, monkeypatch, backend):
+    """Work queued and committed (the database answers again) ends a thread's outage backoff at once."""
+    app = build_app(worker_threads=1, notify_threads=1)
+    claims: list[float] = []
+    database_back = threading.Event()
+    real_claim = WorkQueue.claim
+
+    def claim(self, *args, **kwargs):
+        if threading.current_thread().name == "tm-worker-0":
+            claims.append(time.monotonic())
+            if not database_back.is_set():
+                raise exc.TimeoutError("QueuePool limit reached (as in an outage)")
+        return real_claim(self, *args, **kwargs)
+
+    monkeypatch.setattr(WorkQueue, "claim", claim)
+    monkeypatch.setattr(runner, "next_outage_delay", lambda delay: 20.0)
+    worker = app.extensions["trainingmgr"].start_worker(app)
+    assert until(lambda: claims, 30, 0.05)
+    time.sleep(1.0)  # the start's own wake-ups are over: the thread backs off for 20 s now
+    failures = len(claims)
+    database_back.set()
+    woken_at = time.monotonic()
+    worker.wake()
+    assert until(lambda: len(claims) > failures, 10, 0.05), "the thread backing off waited out its 20 s"
+    assert claims[failures] - woken_at < 10
+
+
+def test_the_watch_passes_on_past_a_thread_backing_off(app):
+    worker = runner.Worker(app, threads=3, notify_threads=1)  # not started: the test plays the threads
+    pool = worker.pools[0]
+    peeks: list[str] = []
+
+    def due_in(_pool):
+        peeks.append(threading.current_thread().name)
+        return 1.0 if threading.current_thread().name == "first-watcher" else None
+
+    worker._due_in = due_in
+    returned: dict[str, object] = {}
+
+    def back_off():  # as _loop waits after a failed claim
+        with pool.lock:
+            seen = pool.signals
+            pool.backoff.wait_for(lambda: pool.signals != seen or worker._stop.is_set(), 15)
+
+    def idle(name: str) -> None:
+        returned[name] = worker._idle(pool, claimed_nothing=False)
+
+    threads = [threading.Thread(target=back_off, name="backing-off")]
+    threads[0].start()
+    time.sleep(0.2)
+    threads.append(threading.Thread(target=idle, args=("first-watcher",), name="first-watcher"))
+    threads[-1].start()
+    time.sleep(0.2)
+    threads.append(threading.Thread(target=idle, args=("next",), name="next"))
+    threads[-1].start()
+    try:
+        # The first watcher's item comes due after 1 s: it leaves to claim it, and the watch passes on.
+        assert until(lambda: returned.get("first-watcher") is True, 10, 0.05)
+        assert until(lambda: pool.watching and "next" in peeks, 10, 0.05), "nobody took the watch"
+        before = peeks.count("next")
+        pool.nudge()
+        assert until(lambda: peeks.count("next") > before, 10, 0.05), "the new watcher did not look when nudged"
+    finally:
+        worker._stop.set()
+        pool.wake_all()
+        for t in threads:
+            t.join(10)
+
+
+def test_work_due_soon_from_another_process_is_taken_when_due(build_app, settings, sqlite_only):
+    """Another process queues an item due in 1 s (a watch): its ring's claim finds nothing due yet, and a peek
+    made before its commit saw nothing; the claim that answered the ring has the watcher look again."""
+    app = build_app(worker_threads=3)
+    worker = app.extensions["trainingmgr"].start_worker(app)
+    assert until(lambda: step_runner_listening(app), 60)
+    time.sleep(1.0)  # idle: one watcher, two threads waiting to take the watch
+    # A process of its own in all but name: its own engine, no turns, no wake-up within this process (and no
+    # foreign keys: a job nobody runs is enough here, the step drops work whose job does not exist).
+    other = create_engine(settings.sqlalchemy_url)
+    try:
+        for gap in (0.2, 0.0):  # the rest of the enqueue's transaction after its ring
+            with Session(other) as session:
+                item = WorkQueue(session).enqueue(999_999, WATCH_RUN, delay=1.0)
+                time.sleep(gap)
+                session.commit()
+                item_id = item.id
+
+            def claimed() -> bool:
+                with Session(other) as session:
+                    return session.scalar(select(WorkItem.lease_owner).where(WorkItem.id == item_id)) is not None
+
+            assert until(claimed, 10, 0.1), f"gap {gap}: not claimed within 10 s (the idle poll is 30 s)"
+    finally:
+        other.dispose()
+        worker.stop()
