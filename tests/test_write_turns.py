@@ -200,3 +200,39 @@ def _queue_empty(app) -> bool:
         count = db.session.scalar(text("SELECT count(*) FROM work_items"))
         db.session.remove()
         return count == 0
+
+
+def test_a_writer_that_waited_out_its_turn_fails_at_once(app, sqlite_only, monkeypatch):
+    """Another thread of this process holds the write lock longer than the busy timeout: the waiting writer gets
+    "database is locked" then, not after waiting as long again in SQLite."""
+    from sqlalchemy.exc import OperationalError
+
+    import trainingmgr.app as app_module
+
+    monkeypatch.setattr(app_module, "SQLITE_BUSY_TIMEOUT", 0.5)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with app.app_context():
+            db.session.execute(update(FeatureGroup).values(measurement="held"))
+            holding.set()
+            release.wait(30)
+            db.session.rollback()
+            db.session.remove()
+
+    holder = threading.Thread(target=hold, name="holder")
+    holder.start()
+    try:
+        assert holding.wait(30)
+        with app.app_context():
+            started = time.monotonic()
+            with pytest.raises(OperationalError, match="locked"):
+                db.session.execute(update(FeatureGroup).values(measurement="waiting"))
+            waited = time.monotonic() - started
+            db.session.rollback()
+            db.session.remove()
+        assert 0.4 <= waited < 10, waited  # the turn's 0.5 s, not SQLite's 30 s more
+    finally:
+        release.set()
+        holder.join(30)
+    assert _turns(app).holder is None
