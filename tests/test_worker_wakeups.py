@@ -75,8 +75,15 @@ def test_the_watch_passes_on_past_a_thread_backing_off(app):
     threads.append(threading.Thread(target=idle, args=("next",), name="next"))
     threads[-1].start()
     try:
-        # The first watcher's item comes due after 1 s: it leaves to claim it, and the watch passes on.
+        # The first watcher's item comes due after 1 s: it leaves to claim it, and the watch passes on. Its claim
+        # (played here) ends: until then the new watcher does not look (a look would send it after the same item).
         assert until(lambda: returned.get("first-watcher") is True, 10, 0.05)
+        assert pool.claiming == 1
+        time.sleep(0.3)
+        assert "next" not in peeks
+        with pool.lock:
+            pool.claiming -= 1
+            pool.watch.notify()
         assert until(lambda: pool.watching and "next" in peeks, 10, 0.05), "nobody took the watch"
         before = peeks.count("next")
         pool.nudge()

@@ -104,6 +104,7 @@ class Pool:
         self.answered = 0  # the rings a claim has answered (one rung while no thread watched is answered later)
         self.nudges = 0
         self.watching = False
+        self.claiming = 0  # watchers that left to claim and have not had their answer yet
 
     @property
     def signals(self) -> tuple[int, int]:
@@ -256,19 +257,23 @@ class Worker:
     # ------------------------------------------------------------------------------------ loops
     def _loop(self, owner: str, pool: Pool) -> None:
         outage_delay = 0.0  # this thread's backoff while the database is away (0: it answers)
-        claim_now = True  # at start, when rung and when an item is due: claim; else wait in _idle
+        claim_now: bool | str = True  # at start, when rung and when an item is due: claim; else wait in _idle
+        counted = False  # claim_now came from _idle, which counted this thread among the pool's claiming
         cut_forgiven = False  # one cut connection is tried again at once, unlogged (pools do not pre-ping)
         while not self._stop.is_set():
             with self.app.app_context():
                 try:
                     # After a step the thread goes idle too: the watcher looks (the step nudged it) and claims.
-                    worked = claim_now and self._one(owner, pool, answering_ring=claim_now == RUNG)
-                    claim_now = self._idle(pool, claimed_nothing=claim_now and not worked)
+                    worked = bool(claim_now) and self._one(owner, pool, answering_ring=claim_now == RUNG,
+                                                           counted=counted)
+                    counted = False
+                    claim_now = self._idle(pool, claimed_nothing=bool(claim_now) and not worked)
+                    counted = bool(claim_now)
                     outage_delay, cut_forgiven = 0.0, False
                     self.outage.succeeded()
                 except Exception as e:  # one bad item must not kill the thread; it comes back when its lease ends
                     _rollback_quietly()
-                    claim_now = True
+                    claim_now, counted = True, False
                     if not cut_forgiven and not outage_delay and getattr(e, "connection_invalidated", False):
                         cut_forgiven = True  # the pool dropped its old connections: the next try gets a new one
                     elif database_unavailable(e):
@@ -300,25 +305,35 @@ class Worker:
             # transaction elsewhere, or a notification behind an earlier one): wait a poll before claiming again.
             # Not after waiting to take the watch: that claim is long past.
             blocked = claimed_nothing and not waited
+            claim: bool | str = False
             while not self._stop.is_set():
                 with pool.lock:
+                    # A watcher that left to claim has its answer first: a peek before it commits would call its
+                    # item due and send this thread after it too (one claim per idle thread, in a row).
+                    pool.watch.wait_for(lambda: not pool.claiming or pool.rings != pool.answered
+                                        or self._stop.is_set(), self.idle_poll)
                     if pool.rings != pool.answered:  # rung (perhaps before this thread watched): claim, not peek
                         pool.answered = pool.rings
-                        return RUNG
+                        claim = RUNG
+                        return claim
                     seen = pool.signals  # taken before the peek: a nudge during it is not lost
                 due_in = self._due_in(pool)
                 if due_in is not None and due_in <= 0 and not blocked:
-                    return True
+                    claim = True
+                    return claim
                 wait = self.idle_poll if due_in is None else min(self.idle_poll, max(due_in, self.poll))
                 with pool.lock:
                     woken = pool.watch.wait_for(lambda: pool.signals != seen or self._stop.is_set(), wait)
                 if not woken and due_in is not None and due_in <= wait:
-                    return True  # its time came
+                    claim = True  # its time came
+                    return claim
                 blocked = False  # nudged, rung or the idle poll passed: look again
             return False
         finally:
             with pool.lock:
                 pool.watching = False
+                if claim:
+                    pool.claiming += 1  # until _one has its answer (counted=True)
                 pool.idle.notify()  # another idle thread takes the watch
 
     def _due_in(self, pool: Pool) -> float | None:
@@ -328,8 +343,14 @@ class Worker:
             db.session.rollback()  # end the read's transaction: nothing held while waiting
         return None if moment is None else (moment - utcnow()).total_seconds()
 
-    def _one(self, owner: str, pool: Pool, *, answering_ring: bool = False) -> bool:
-        claim = WorkQueue(db.session).claim(owner, self.lease, pool.kinds)
+    def _one(self, owner: str, pool: Pool, *, answering_ring: bool = False, counted: bool = False) -> bool:
+        try:
+            claim = WorkQueue(db.session).claim(owner, self.lease, pool.kinds)
+        finally:
+            if counted:
+                with pool.lock:
+                    pool.claiming -= 1
+                    pool.watch.notify()
         if claim is None:
             if answering_ring:
                 # The claim waited for the enqueue that rang to commit; the watcher may have peeked before it
