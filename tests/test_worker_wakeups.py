@@ -48,6 +48,7 @@ def test_a_thread_backing_off_from_an_outage_hears_of_new_work(build_app, monkey
 
 def test_the_watch_passes_on_past_a_thread_backing_off(app):
     worker = runner.Worker(app, threads=3, notify_threads=1)  # not started: the test plays the threads
+    worker.poll = 2.0  # how long a watcher waits at most for the claim of the watcher before it
     pool = worker.pools[0]
     peeks: list[str] = []
 
@@ -81,9 +82,8 @@ def test_the_watch_passes_on_past_a_thread_backing_off(app):
         assert pool.claiming == 1
         time.sleep(0.3)
         assert "next" not in peeks
-        with pool.lock:
-            pool.claiming -= 1
-            pool.watch.notify()
+        runner.ClaimInFlight(pool).end()  # the first watcher's claim (counted when it left) has its answer
+        assert pool.claiming == 0
         assert until(lambda: pool.watching and "next" in peeks, 10, 0.05), "nobody took the watch"
         before = peeks.count("next")
         pool.nudge()
@@ -121,3 +121,63 @@ def test_work_due_soon_from_another_process_is_taken_when_due(build_app, setting
     finally:
         other.dispose()
         worker.stop()
+
+
+def _play_watcher(worker, pool, name: str, returned: dict) -> threading.Thread:
+    def idle() -> None:
+        returned[name] = worker._idle(pool, claimed_nothing=False)
+        returned[name + " at"] = time.monotonic()
+
+    thread = threading.Thread(target=idle, name=name)
+    thread.start()
+    return thread
+
+
+def test_a_stuck_claim_holds_the_next_look_back_a_poll_at_most(app):
+    """A claim on a connection that died without a word may hang for minutes: the watcher after it waits for
+    its answer no longer than a poll, not an idle poll, before it looks."""
+    worker = runner.Worker(app, threads=3, notify_threads=1)
+    worker.poll, worker.idle_poll = 0.5, 30.0
+    pool = worker.pools[0]
+    peeks: list[float] = []
+    worker._due_in = lambda _pool: peeks.append(time.monotonic()) or None
+    with pool.lock:
+        pool.claiming = 1  # a watcher left to claim, and its claim hangs
+    returned: dict = {}
+    started = time.monotonic()
+    thread = _play_watcher(worker, pool, "watcher", returned)
+    try:
+        assert until(lambda: peeks, 10, 0.05), "the watcher waited for the stuck claim"
+        assert peeks[0] - started < 5
+    finally:
+        worker._stop.set()
+        pool.wake_all()
+        thread.join(10)
+
+
+def test_an_item_a_claim_could_not_take_is_tried_again_a_poll_later(app):
+    """The peek calls an item due that no claim can take (another transaction holds its row): the watcher after
+    an empty claim waits a poll before it claims, instead of each idle thread claiming in turn at once."""
+    worker = runner.Worker(app, threads=3, notify_threads=1)
+    worker.poll, worker.idle_poll = 1.0, 30.0
+    pool = worker.pools[0]
+    worker._due_in = lambda _pool: -1.0  # always due
+    returned: dict = {}
+    first = _play_watcher(worker, pool, "first", returned)
+    threads = [first]
+    try:
+        assert until(lambda: returned.get("first") is True, 10, 0.02)  # due: it leaves to claim
+        in_flight = runner.ClaimInFlight(pool)  # as _loop makes it
+        threads.append(_play_watcher(worker, pool, "next", returned))
+        time.sleep(0.2)  # the next watcher waits for that claim
+        assert "next" not in returned
+        ended_at = time.monotonic()
+        in_flight.end(empty=True)  # it found nothing it could take
+        assert until(lambda: "next" in returned, 10, 0.02)
+        assert returned["next"] is True and returned["next at"] - ended_at >= 0.9, \
+            "claimed again at once after an empty claim"
+    finally:
+        worker._stop.set()
+        pool.wake_all()
+        for thread in threads:
+            thread.join(10)

@@ -105,6 +105,7 @@ class Pool:
         self.nudges = 0
         self.watching = False
         self.claiming = 0  # watchers that left to claim and have not had their answer yet
+        self.empty_claims = 0  # of those, the ones that found nothing they were not rung for
 
     @property
     def signals(self) -> tuple[int, int]:
@@ -129,6 +130,26 @@ class Pool:
             self.idle.notify_all()
             self.watch.notify_all()
             self.backoff.notify_all()
+
+
+class ClaimInFlight:
+    """A watcher that left _idle to claim, until its claim has an answer: the pool's next watcher does not look
+    meanwhile (a look before that claim commits would call its item due and send this thread after it too). Ended
+    once, by _one after the claim or by _loop when something failed before it."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+        self.open = True
+
+    def end(self, *, empty: bool = False) -> None:
+        if not self.open:
+            return
+        self.open = False
+        with self.pool.lock:
+            self.pool.claiming -= 1
+            if empty:
+                self.pool.empty_claims += 1
+            self.pool.watch.notify()
 
 
 class Worker:
@@ -258,22 +279,25 @@ class Worker:
     def _loop(self, owner: str, pool: Pool) -> None:
         outage_delay = 0.0  # this thread's backoff while the database is away (0: it answers)
         claim_now: bool | str = True  # at start, when rung and when an item is due: claim; else wait in _idle
-        counted = False  # claim_now came from _idle, which counted this thread among the pool's claiming
+        in_flight: ClaimInFlight | None = None  # when claim_now came from _idle
         cut_forgiven = False  # one cut connection is tried again at once, unlogged (pools do not pre-ping)
         while not self._stop.is_set():
             with self.app.app_context():
                 try:
                     # After a step the thread goes idle too: the watcher looks (the step nudged it) and claims.
                     worked = bool(claim_now) and self._one(owner, pool, answering_ring=claim_now == RUNG,
-                                                           counted=counted)
-                    counted = False
+                                                           in_flight=in_flight)
+                    in_flight = None
                     claim_now = self._idle(pool, claimed_nothing=bool(claim_now) and not worked)
-                    counted = bool(claim_now)
+                    in_flight = ClaimInFlight(pool) if claim_now else None
                     outage_delay, cut_forgiven = 0.0, False
                     self.outage.succeeded()
                 except Exception as e:  # one bad item must not kill the thread; it comes back when its lease ends
                     _rollback_quietly()
-                    claim_now, counted = True, False
+                    if in_flight is not None:
+                        in_flight.end()
+                        in_flight = None
+                    claim_now = True
                     if not cut_forgiven and not outage_delay and getattr(e, "connection_invalidated", False):
                         cut_forgiven = True  # the pool dropped its old connections: the next try gets a new one
                     elif database_unavailable(e):
@@ -300,18 +324,23 @@ class Worker:
             if self._stop.is_set():
                 return False
             pool.watching = True
+        claim: bool | str = False
         try:
             # Right after an empty claim, an item the peek calls due is one that cannot be taken yet (held in a
             # transaction elsewhere, or a notification behind an earlier one): wait a poll before claiming again.
-            # Not after waiting to take the watch: that claim is long past.
+            # Not after waiting to take the watch: that claim is long past (a claim the watcher before went for
+            # and found empty is seen below).
             blocked = claimed_nothing and not waited
-            claim: bool | str = False
             while not self._stop.is_set():
                 with pool.lock:
                     # A watcher that left to claim has its answer first: a peek before it commits would call its
-                    # item due and send this thread after it too (one claim per idle thread, in a row).
+                    # item due and send this thread after it too (one claim per idle thread, in a row). Not for
+                    # longer than a poll: a claim stuck on a dead connection must not slow every look.
+                    empties = pool.empty_claims
                     pool.watch.wait_for(lambda: not pool.claiming or pool.rings != pool.answered
-                                        or self._stop.is_set(), self.idle_poll)
+                                        or self._stop.is_set(), self.poll)
+                    if pool.empty_claims != empties:
+                        blocked = True  # the item it went for could not be taken: as after an empty claim here
                     if pool.rings != pool.answered:  # rung (perhaps before this thread watched): claim, not peek
                         pool.answered = pool.rings
                         claim = RUNG
@@ -333,7 +362,7 @@ class Worker:
             with pool.lock:
                 pool.watching = False
                 if claim:
-                    pool.claiming += 1  # until _one has its answer (counted=True)
+                    pool.claiming += 1  # until its ClaimInFlight ends
                 pool.idle.notify()  # another idle thread takes the watch
 
     def _due_in(self, pool: Pool) -> float | None:
@@ -343,14 +372,14 @@ class Worker:
             db.session.rollback()  # end the read's transaction: nothing held while waiting
         return None if moment is None else (moment - utcnow()).total_seconds()
 
-    def _one(self, owner: str, pool: Pool, *, answering_ring: bool = False, counted: bool = False) -> bool:
+    def _one(self, owner: str, pool: Pool, *, answering_ring: bool = False,
+             in_flight: ClaimInFlight | None = None) -> bool:
+        claim = None
         try:
             claim = WorkQueue(db.session).claim(owner, self.lease, pool.kinds)
         finally:
-            if counted:
-                with pool.lock:
-                    pool.claiming -= 1
-                    pool.watch.notify()
+            if in_flight is not None:
+                in_flight.end(empty=claim is None and not answering_ring)
         if claim is None:
             if answering_ring:
                 # The claim waited for the enqueue that rang to commit; the watcher may have peeked before it
