@@ -695,3 +695,30 @@ def test_an_extraction_runs_here_when_the_launcher_cannot_be_asked(make_engine, 
     assert engine.launcher.extract({"any": "job"}, 5.0) is None
     assert extractor.start(_extraction("kpis.csv")).rows == 1
     assert engine.launcher.process is None
+
+
+def test_a_run_reads_its_pipeline_with_libyaml_and_gets_the_same_spec():
+    """kfp parses a compiled pipeline with PyYAML's pure Python loader (20-30 ms of each run's start); a run's
+    process has it use libyaml (kfp_local_runner.parse_pipelines_with_libyaml). The pipeline kfp builds is the
+    same. In a process of its own: the switch is for the whole process, as in a run's."""
+    import subprocess
+    import sys
+
+    examples = Path(__file__).resolve().parent.parent / "examples" / "pipelines"
+    check = (
+        "import sys, yaml\n"
+        "from kfp.components import load_component_from_file\n"
+        "from kfp.dsl import structures\n"
+        "from trainingmgr.adapters.kfp_local_runner import parse_pipelines_with_libyaml\n"
+        "before = [load_component_from_file(f) for f in sys.argv[1:]]\n"
+        "parse_pipelines_with_libyaml()\n"
+        "assert structures.yaml is not yaml and structures.yaml.safe_load_all is not yaml.safe_load_all\n"
+        "after = [load_component_from_file(f) for f in sys.argv[1:]]\n"
+        "assert [c.pipeline_spec for c in before] == [c.pipeline_spec for c in after]\n"
+        "assert [c.component_spec for c in before] == [c.component_spec for c in after]\n"
+        "print('same', len(after))\n"
+    )
+    files = [str(examples / "qoe_training.yaml"), str(examples / "qoe_retraining.yaml")]
+    done = subprocess.run([sys.executable, "-c", check, *files], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "same 2"
