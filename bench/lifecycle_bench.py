@@ -128,15 +128,19 @@ def run(concurrency: int, database_url: str | None, log_level: str) -> dict:
         with app.app_context():
             jobs = {j.id: j for j in db.session.scalars(select(TrainingJob))}
             logs = {log.job_id: log.content for log in db.session.scalars(select(JobLog))}
-            first = jobs[first_id]
-            first_overhead = first_total - (first.run_ended_at - pipeline_started(
-                logs.get(first_id, b""), first.run_started_at)).total_seconds()
+
+            def pipeline_seconds(job_id: int) -> tuple[float, float]:
+                """The runner's start-up and the pipeline's own time."""
+                job = jobs[job_id]
+                first_line = pipeline_started(logs.get(job_id, b""), job.run_started_at)
+                return ((first_line - job.run_started_at).total_seconds(),
+                        (job.run_ended_at - first_line).total_seconds())
+
+            first_overhead = first_total - pipeline_seconds(first_id)[1]
             totals, pipelines, overheads, before, startups, after = [], [], [], [], [], []
             for job_id, total in results:
                 job = jobs[job_id]
-                first_line = pipeline_started(logs.get(job_id, b""), job.run_started_at)
-                startup = (first_line - job.run_started_at).total_seconds()
-                pipeline = (job.run_ended_at - first_line).total_seconds()
+                startup, pipeline = pipeline_seconds(job_id)
                 totals.append(total)
                 pipelines.append(pipeline)
                 startups.append(startup)

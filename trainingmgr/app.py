@@ -69,10 +69,13 @@ class WriterTurns:
         self._lock = threading.Lock()
         self.holder: int | None = None  # the thread id holding the turn
 
-    def take(self) -> bool:
-        """False when no turn was taken (this thread holds it already, or SQLite's wait passed): go on without."""
+    def take(self) -> bool | None:
+        """True: the turn is this transaction's. None: this thread holds it already (through another connection),
+        go on without. False: not had within the busy timeout."""
         me = threading.get_ident()
-        if self.holder == me or not self._lock.acquire(timeout=SQLITE_BUSY_TIMEOUT):
+        if self.holder == me:
+            return None
+        if not self._lock.acquire(timeout=SQLITE_BUSY_TIMEOUT):
             return False
         self.holder = me
         return True
@@ -132,11 +135,11 @@ def _sqlite_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN")
         return
     dbapi_connection = conn.connection.dbapi_connection
-    waited = time.monotonic()
-    dbapi_connection.holds_turn = dbapi_connection.writers.take()
+    taken = dbapi_connection.writers.take()
+    dbapi_connection.holds_turn = bool(taken)
     # A turn not had within the busy timeout means a writer of this process holds the lock that long: SQLite
     # would keep this one waiting as long again, so it answers "database is locked" now instead (no wait).
-    out_of_time = not dbapi_connection.holds_turn and time.monotonic() - waited >= SQLITE_BUSY_TIMEOUT
+    out_of_time = taken is False
     try:
         if out_of_time:
             dbapi_connection.execute("PRAGMA busy_timeout = 0")

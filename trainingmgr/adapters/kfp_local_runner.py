@@ -71,19 +71,20 @@ def collect_outputs(pipeline_root: Path, types: dict[tuple[str, str], str]) -> t
 
 
 def parse_pipelines_with_libyaml() -> None:
-    """Have kfp read compiled pipelines with libyaml's parser, as pipeline_files does: kfp calls PyYAML's pure
-    Python safe_load_all, 20-30 ms of a run's start for the example pipeline (2 ms with libyaml). The same safe
-    constructor builds the same values. In a run's process only (kfp.local is per process anyway)."""
+    """Have kfp read compiled pipelines as pipeline_files does (its SAFE_LOADER: libyaml's parser where PyYAML has
+    it): kfp calls PyYAML's pure Python safe_load_all, 20-30 ms of a run's start for the example pipeline (3 ms so).
+    The same safe constructor builds the same values. In a run's process only (kfp.local is per process anyway)."""
     import yaml
     from kfp.dsl import structures
 
-    loader = getattr(yaml, "CSafeLoader", None)
-    if loader is None or getattr(structures, "yaml", None) is not yaml:
-        return  # no libyaml, or a kfp that reads YAML otherwise: left as it is
+    from .pipeline_files import SAFE_LOADER, yaml_documents
+
+    if getattr(structures, "yaml", None) is not yaml:
+        return  # a kfp that reads YAML otherwise: left as it is
     libyaml = types.ModuleType("yaml")
     libyaml.__dict__.update(yaml.__dict__)
-    libyaml.safe_load_all = lambda stream: yaml.load_all(stream, Loader=loader)  # type: ignore[attr-defined]
-    libyaml.safe_load = lambda stream: yaml.load(stream, Loader=loader)  # type: ignore[attr-defined]
+    libyaml.safe_load_all = yaml_documents  # type: ignore[attr-defined]
+    libyaml.safe_load = lambda stream: yaml.load(stream, Loader=SAFE_LOADER)  # type: ignore[attr-defined]
     structures.yaml = libyaml
 
 
