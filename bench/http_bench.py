@@ -270,6 +270,13 @@ def job_rows(count: int, model_id: int, fg_id: int) -> list[dict[str, Any]]:
         run_ended = run_started + timedelta(seconds=60 + rng.random() * 240)
         finished = run_ended + timedelta(seconds=1 + rng.random() * 2)
         artifact = f"1.{i}.0"
+        # Each step's times, as the state machine writes them for a finished job (a list shows them all).
+        moments = [created + timedelta(seconds=1), created + timedelta(seconds=2), run_started, run_ended,
+                   finished - timedelta(milliseconds=50), finished]
+        step_times = {}
+        for step, begin, end in zip(lc.STEPS, moments, moments[1:]):
+            step_times[step] = {"started_at": begin.isoformat(), "ended_at": end.isoformat(),
+                                "seconds": round((end - begin).total_seconds(), 3)}
         rows.append({
             "model_id": model_id, "feature_group_id": fg_id, "artifact_version": artifact,
             "is_retraining": i > 0, "training_config": training_config(i),
@@ -282,7 +289,8 @@ def job_rows(count: int, model_id: int, fg_id: int) -> list[dict[str, Any]]:
             "metrics": {"accuracy": round(0.85 + rng.random() * 0.1, 4), "loss": round(rng.random() * 0.3, 4),
                         "rmse": round(rng.random() * 2, 4), "mae": round(rng.random(), 4)},
             "failure_reason": None, "deletion_in_progress": False, "pipeline_version_id": None,
-            "run_started_at": run_started, "run_ended_at": run_ended, "finished_at": finished,
+            "run_started_at": run_started, "run_ended_at": run_ended, "started_at": created + timedelta(seconds=1),
+            "finished_at": finished, "step_times": step_times,
             "created_at": created, "updated_at": finished,
         })
     return rows

@@ -65,6 +65,22 @@ def test_a_finished_job_tells_its_whole_history_and_its_steps_times(setup, worke
     assert job["steps_state"] == {step: "FINISHED" for step in STEPS}
 
 
+def test_steps_stored_before_their_durations_were_kept_still_show_them(setup, worker, app):
+    client = setup
+    job = wait_for(client, client.post(JOBS, json=job_request()).get_json()["id"])
+    assert job["status"] == "FINISHED"
+    with app.app_context():
+        stored = db.session.get(TrainingJob, job["id"])
+        assert all("seconds" in entry for entry in stored.step_times.values()), "kept when a step ends"
+        # As a job that ended before this release has them: the start and end times only.
+        stored.step_times = {step: {k: v for k, v in entry.items() if k != "seconds"}
+                             for step, entry in stored.step_times.items()}
+        db.session.commit()
+    again = client.get(f"{JOBS}/{job['id']}").get_json()
+    assert again["steps"] == job["steps"]
+    assert all(step["duration_seconds"] is not None for step in again["steps"])
+
+
 def test_a_failure_is_an_event_with_its_reason_and_attempt(setup, worker, tmp_path):
     client = setup
     upload(client, "explodes", failing_pipeline(tmp_path))

@@ -79,7 +79,7 @@ class _Refused(Exception):
 class _Buffering:
     """A connection whose request the loop is still reading."""
 
-    __slots__ = ("data", "deadline", "head_end", "searched", "size", "chunk_at", "chunk_total", "charged")
+    __slots__ = ("data", "deadline", "head_end", "searched", "size", "chunk_at", "chunk_total", "charged", "registered")
 
     def __init__(self, deadline: float, data: bytes = b""):
         self.data = bytearray(data)
@@ -90,6 +90,7 @@ class _Buffering:
         self.chunk_at = -1  # chunked requests: where the next chunk-size line starts
         self.chunk_total = 0  # chunked requests: body bytes seen so far
         self.charged = 0  # bytes of this request counted against the worker's budget
+        self.registered = False  # with the poller, waiting for more of the request
 
 
 def chunked_end(data: bytearray, at: int, total: int, limit: int) -> tuple[int, int, int]:
@@ -198,25 +199,36 @@ class RequestBufferingWorker(ThreadWorker):
         early = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
         state = _Buffering(time.monotonic() + self.read_timeout, early)
         self.buffering[conn] = state
-        conn.sock.setblocking(False)
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._readable, conn))
-        if early:
-            self._advance(conn, state)
+        if conn.sock.getblocking():  # a new connection (a kept-alive one is non-blocking already)
+            conn.sock.setblocking(False)
+        # Read at once: a kept-alive connection comes here because its next request arrived, most often whole, and
+        # is then dispatched without being registered with the poller and taken out again.
+        if early and not self._advance(conn, state):
+            return
+        if self._receive(conn, state):
+            state.registered = True
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._readable, conn))
 
     def _readable(self, conn: Any, _sock: Any) -> None:
-        state = self.buffering[conn]
+        self._receive(conn, self.buffering[conn])
+
+    def _receive(self, conn: Any, state: _Buffering) -> bool:
+        """Read what the socket holds: True while more of the request is wanted (else it was dispatched, refused or
+        the connection dropped)."""
         while True:
             try:
                 chunk = conn.sock.recv(_READ_CHUNK)
             except (BlockingIOError, InterruptedError):
-                return
+                return True
             except OSError:
-                return self._drop(conn)
+                self._drop(conn)
+                return False
             if not chunk:  # the client went away before its request was complete
-                return self._drop(conn)
+                self._drop(conn)
+                return False
             state.data += chunk
             if not self._advance(conn, state):
-                return
+                return False
 
     def _advance(self, conn: Any, state: _Buffering) -> bool:
         """Look at what arrived: True while more of the request is wanted (else it was dispatched or refused)."""
@@ -318,10 +330,11 @@ class RequestBufferingWorker(ThreadWorker):
     def _forget(self, conn: Any) -> _Buffering:
         state = self.buffering.pop(conn)
         self.charged_bytes -= state.charged
-        try:
-            self.poller.unregister(conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
+        if state.registered:
+            try:
+                self.poller.unregister(conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
         return state
 
     def _dispatch(self, conn: Any, state: _Buffering) -> None:
@@ -356,8 +369,7 @@ class RequestBufferingWorker(ThreadWorker):
     def handle(self, conn: Any) -> Any:
         data = conn.__dict__.pop("tm_prebuffered", None)
         if data is not None:
-            conn.sock.setblocking(True)
-            conn.init()
+            conn.init()  # sets the socket blocking again (gunicorn's handle does too)
             conn.parser.unreader.unread(data)
         try:
             return super().handle(conn)

@@ -23,6 +23,7 @@ from ..models import lifecycle as lc
 from ..schemas.feature_group import dump_feature_group
 from ..schemas.training_job import dump_event, dump_training_job
 from ..services.pagination import PageRequest, page_request
+from ..services.training_jobs import job_view
 from .access import CONSOLE_COOKIE, MAX_CREDENTIAL_LENGTH, authenticate, require_same_origin
 from .common import services
 
@@ -57,7 +58,7 @@ def jobs():
     new_job_form = None
     if _may(WRITER):  # what a new job may name
         new_job_form = {
-            "feature_groups": [fg.name for fg in services().feature_groups().views(
+            "feature_groups": [fg["name"] for fg in services().feature_groups().views(
                 PageRequest(limit=MAX_FEATURE_GROUPS)).items],
             "pipelines": [pipeline.name for pipeline in services().pipelines().list_pipelines()],
             "create_url": url_for("training_jobs.create_training_job"),
@@ -228,7 +229,8 @@ def _local_path(raw: str | None) -> str | None:
 
 
 def _job_view(job: Any) -> dict[str, Any]:
-    view = dump_training_job(job, metrics_url=url_for("training_jobs.get_model_metrics", trainingjob_id=job.id))
+    view = dump_training_job(job_view(job),
+                             metrics_url=url_for("training_jobs.get_model_metrics", trainingjob_id=job.id))
     view["metrics"] = job.metrics or {}
     # What the job ran, from the stored (normalised) configuration rather than the client's spellings.
     config = job.training_config

@@ -9,6 +9,7 @@ from ..schemas.feature_group import (
     FeatureGroupUpdateSchema,
     dump_feature_group,
 )
+from ..services.feature_groups import group_view
 from ..services.pagination import page_request
 from .common import json_body, load, next_link, services
 
@@ -27,7 +28,7 @@ def create_feature_group():
     data = load(_config_schema, json_body())
     fg = services().feature_groups().create(data)
     location = url_for(".get_feature_group", featuregroup_name=fg.name)
-    view = dump_feature_group(fg)
+    view = dump_feature_group(group_view(fg))
     # The spec's {result, featuregroup}, and the record's fields at the top level as the reference's clients read them.
     return {**view, "result": f"Feature group {fg.name} created", "featuregroup": view}, 201, {"Location": location}
 
@@ -55,7 +56,7 @@ def update_feature_group(featuregroup_name: str):
     data = load(_update_schema, json_body())
     fg = services().feature_groups().update(featuregroup_name, data)
     # The reference's wording: its clients compare the text.
-    return {"result": "Feature Group Edited", "featuregroup": dump_feature_group(fg)}
+    return {"result": "Feature Group Edited", "featuregroup": dump_feature_group(group_view(fg))}
 
 
 @bp.delete(V1)

@@ -9,7 +9,7 @@ from ..extensions import read_only_transactions
 from ..schemas.training_job import ModelTrainingRequestSchema, dump_event, dump_training_job
 from ..models import lifecycle as lc
 from ..services.pagination import page_request
-from ..services.training_jobs import DEFAULT_EXPERIMENT
+from ..services.training_jobs import DEFAULT_EXPERIMENT, job_view
 from .common import bounded_limit, json_body, load, next_link, services
 from .event_stream import follow_log
 
@@ -43,9 +43,14 @@ DEFAULT_PAGE, MAX_PAGE = 100, 1000
 _request_schema = ModelTrainingRequestSchema()
 
 
-def _dump(job) -> dict:
+def _dump(job: dict) -> dict:
+    return _dumps([job])[0]
+
+
+def _dumps(jobs: list[dict]) -> list[dict]:
     # Formatted rather than url_for: lists dump 100 jobs per request, and url_for was a sixth of that time.
-    return dump_training_job(job, metrics_url=f"{request.script_root}{V1}/get-model-metrics/{job.id}")
+    metrics_prefix = f"{request.script_root}{V1}/get-model-metrics/"
+    return [dump_training_job(job, metrics_url=f"{metrics_prefix}{job['id']}") for job in jobs]
 
 
 def _page():
@@ -59,18 +64,18 @@ def create_training_job():
     sent = body.get("training_config", body.get("trainingConfig"))
     job = services().training_jobs().create(data, config_as_sent=sent)
     services().wake_workers()
-    # The TrainingJob itself (dump_training_job takes it as it takes a JOB_VIEW row): no second query. Its
-    # attributes reload after the commit in a read-only transaction: on SQLite the write lock is not held while
-    # the answer is written, and the worker's claim of the new job does not wait for it.
+    # The TrainingJob's own view: no second query. Its attributes reload after the commit in a read-only
+    # transaction: on SQLite the write lock is not held while the answer is written, and the worker's claim of the
+    # new job does not wait for it.
     with read_only_transactions():
-        return _dump(job), 201, {"Location": url_for(".get_training_job", training_job_id=job.id)}
+        return _dump(job_view(job)), 201, {"Location": url_for(".get_training_job", training_job_id=job.id)}
 
 
 @bp.get(V1, strict_slashes=False)
 def list_training_jobs():
     page_req = _page()
     page = services().training_jobs().views(page_req)
-    return [_dump(job) for job in page.items], 200, next_link(page, page_req.limit)
+    return _dumps(page.items), 200, next_link(page, page_req.limit)
 
 
 @bp.get(f"{V1}/<int:training_job_id>")
@@ -104,7 +109,9 @@ def _id_before_a_word(raw: str) -> int:
 @bp.post(f"{V1}/<training_job_id>/cancel")
 def cancel_training_job(training_job_id: str):
     """Stop the job without deleting it: it ends CANCELLED, with its record and history."""
-    return _dump(services().training_jobs().cancel(_id_before_a_word(training_job_id)))
+    job = services().training_jobs().cancel(_id_before_a_word(training_job_id))
+    with read_only_transactions():  # as the create's answer: reloaded after the commit without the write lock
+        return _dump(job_view(job))
 
 
 @bp.get(f"{V1}/<training_job_id>/status")
@@ -144,7 +151,7 @@ def get_training_job_logs(training_job_id: str):
 def list_training_jobs_of_model(model_name: str, model_version: str):
     page_req = _page()
     page = services().training_jobs().views(page_req, modelname=model_name, modelversion=model_version)
-    return [_dump(job) for job in page.items], 200, next_link(page, page_req.limit)
+    return _dumps(page.items), 200, next_link(page, page_req.limit)
 
 
 def _job_id(raw: str) -> int:

@@ -83,6 +83,11 @@ def ordered(steps: Mapping[str, str]) -> dict[str, str]:
     return {step: steps.get(step, NOT_STARTED) for step in STEPS}
 
 
+def step_seconds(started_at: str, ended_at: str) -> float:
+    """How long a step took, from its step_times entry's ISO times (milliseconds kept)."""
+    return round((datetime.fromisoformat(ended_at) - datetime.fromisoformat(started_at)).total_seconds(), 3)
+
+
 def step_in_progress(steps: Mapping[str, str]) -> str | None:
     """The step IN_PROGRESS now, if any."""
     return next((step for step in STEPS if steps.get(step, NOT_STARTED) == IN_PROGRESS), None)
@@ -163,6 +168,8 @@ class JobStateMachine:
             else:  # ended (a step may end without having been seen to start: TRAINED_MODEL)
                 entry.setdefault("started_at", now.isoformat())
                 entry["ended_at"] = now.isoformat()
+                # Kept, so that reads (a job list shows every step of 100 jobs) do not parse both times again.
+                entry["seconds"] = step_seconds(entry["started_at"], entry["ended_at"])
             moved.append((step, before, state))
         job.steps_state = steps
         job.step_times = times

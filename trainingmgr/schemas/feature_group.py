@@ -1,6 +1,7 @@
 """Feature group input validation and output shaping."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates, validates_schema
@@ -112,25 +113,25 @@ class FeatureGroupDeleteSchema(Schema):
     )
 
 
-def dump_feature_group(fg: Any) -> dict[str, Any]:
-    """A stored feature group as clients see it (a GROUP_VIEW row of services.feature_groups, or a FeatureGroup):
-    the token masked, absent optional values as "".
+def dump_feature_group(fg: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored feature group as clients see it, from its view (services.feature_groups: GROUP_VIEW's columns by
+    name, or group_view of a FeatureGroup): the token masked, absent optional values as "".
 
     A plain function rather than a marshmallow dump: it sits on the hottest read path.
     """
     return {
-        "id": fg.id,
-        "featuregroup_name": fg.name,
-        "feature_list": fg.feature_list,
-        "datalake_source": fg.datalake_source,
-        "host": fg.host,
-        "port": fg.port,
-        "bucket": fg.bucket,
-        "token": TokenCipher.mask(fg.token_encrypted),
-        "db_org": fg.db_org,
-        "measurement": fg.measurement,
-        "enable_dme": fg.enable_dme,
-        "measured_obj_class": fg.measured_obj_class or "",
-        "dme_port": fg.dme_port or "",
-        "source_name": fg.source_name or "",
+        "id": fg["id"],
+        "featuregroup_name": fg["name"],
+        "feature_list": fg["feature_list"],
+        "datalake_source": fg["datalake_source"],
+        "host": fg["host"],
+        "port": fg["port"],
+        "bucket": fg["bucket"],
+        "token": TokenCipher.mask(fg["token_encrypted"]),
+        "db_org": fg["db_org"],
+        "measurement": fg["measurement"],
+        "enable_dme": fg["enable_dme"],
+        "measured_obj_class": fg["measured_obj_class"] or "",
+        "dme_port": fg["dme_port"] or "",
+        "source_name": fg["source_name"] or "",
     }

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from collections.abc import Mapping
 from typing import Any
 
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, pre_load, validate, validates
 
 from ..adapters.outbound import parse_url
 from ..adapters.query_filter import FilterError, parse_filter
-from ..models.lifecycle import ordered
+from ..models.lifecycle import ordered, step_seconds
 
 # \Z, not $ ("$" also matches before a trailing newline: "qoe\n" would pass); [0-9], not \d (which takes any
 # script's digits).
@@ -193,41 +193,41 @@ class PipelineNotificationSchema(DataExtractionNotificationSchema):
     run_id = fields.String(validate=_SHORT)
 
 
-def dump_training_job(job: Any, *, metrics_url: str) -> dict[str, Any]:
-    """A job as clients read it (absent values as "", as the reference did), plus what an operator needs. `job` is
-    a row of JOB_VIEW (services.training_jobs: the API's reads) or a TrainingJob, which has the same names."""
-    steps_state = ordered(job.steps_state)
+def dump_training_job(job: Mapping[str, Any], *, metrics_url: str) -> dict[str, Any]:
+    """A job as clients read it (absent values as "", as the reference did), plus what an operator needs, from its
+    view (services.training_jobs: JOB_VIEW's columns by name, or job_view of a TrainingJob)."""
+    steps_state = ordered(job["steps_state"])
     return {
-        "id": job.id,
+        "id": job["id"],
         "modelId": {
-            "id": job.model_id,
-            "modelname": job.modelname,
-            "modelversion": job.modelversion,
-            "artifactversion": job.artifact_version,
+            "id": job["model_id"],
+            "modelname": job["modelname"],
+            "modelversion": job["modelversion"],
+            "artifactversion": job["artifact_version"],
         },
-        "model_location": job.model_location or "",
-        "training_dataset": job.training_dataset or "",
-        "validation_dataset": job.validation_dataset or "",
+        "model_location": job["model_location"] or "",
+        "training_dataset": job["training_dataset"] or "",
+        "validation_dataset": job["validation_dataset"] or "",
         # As the client sent it (its spellings); the normalised form is internal.
-        "training_config": job.training_config_sent or job.training_config,
-        "notification_url": job.notification_url or "",
-        "consumer_rapp_id": job.consumer_rapp_id or "",
-        "producer_rapp_id": job.producer_rapp_id or "",
-        "model_url": job.model_url or "",
-        "status": job.status,
+        "training_config": job["training_config_sent"] or job["training_config"],
+        "notification_url": job["notification_url"] or "",
+        "consumer_rapp_id": job["consumer_rapp_id"] or "",
+        "producer_rapp_id": job["producer_rapp_id"] or "",
+        "model_url": job["model_url"] or "",
+        "status": job["status"],
         "steps_state": steps_state,
-        "is_retraining": job.is_retraining,
-        "run_id": job.run_id or "",
-        "failure_reason": job.failure_reason or "",
+        "is_retraining": job["is_retraining"],
+        "run_id": job["run_id"] or "",
+        "failure_reason": job["failure_reason"] or "",
         # While a step retries a peer that fails: {step, reason, attempts, next_attempt_at, gives_up_at}; else null.
-        "waiting": job.waiting,
+        "waiting": job["waiting"],
         "metrics_url": metrics_url,
-        "deletion_in_progress": job.deletion_in_progress,
-        "created_at": job.created_at.isoformat(),
-        "updated_at": job.updated_at.isoformat(),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-        "steps": dump_steps(steps_state, job.step_times or {}),
+        "deletion_in_progress": job["deletion_in_progress"],
+        "created_at": job["created_at"].isoformat(),
+        "updated_at": job["updated_at"].isoformat(),
+        "started_at": _iso(job["started_at"]),
+        "finished_at": _iso(job["finished_at"]),
+        "steps": dump_steps(steps_state, job["step_times"] or {}),
     }
 
 
@@ -235,7 +235,7 @@ def _iso(moment: Any) -> str | None:
     return moment.isoformat() if moment is not None else None
 
 
-def dump_steps(steps_state: dict[str, str], step_times: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
+def dump_steps(steps_state: dict[str, str], step_times: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Each step in the order of `steps_state` (ordered already): its state, when it started and ended, and how
     long it took (seconds; null until it ended)."""
     steps = []
@@ -245,8 +245,9 @@ def dump_steps(steps_state: dict[str, str], step_times: dict[str, dict[str, str]
         if times:
             started, ended = times.get("started_at"), times.get("ended_at")
             if started and ended:
-                duration = round((datetime.fromisoformat(ended) - datetime.fromisoformat(started)).total_seconds(),
-                                 3)
+                duration = times.get("seconds")
+                if duration is None:  # ended before its duration was stored with its times
+                    duration = step_seconds(started, ended)
         steps.append({"name": step, "state": state, "started_at": started, "finished_at": ended,
                       "duration_seconds": duration})
     return steps

@@ -31,17 +31,35 @@ class Page(Generic[T]):
 
 
 def keyset_page(session: Any, query: Any, key: Any, page: PageRequest, *, descending: bool = False,
-                rows: bool = False) -> Page[Any]:
+                views: bool = False) -> Page[Any]:
     """One page of `query`'s results ordered by the column `key`, after the page's cursor: ORM objects, or with
-    `rows` the rows of a Core SELECT of columns (`key` among them)."""
+    `views` the rows of a Core SELECT of columns (`key` among them) as views (dicts by column name)."""
     query = query.order_by(key.desc() if descending else key).limit(page.limit + 1)
     if page.after is not None:
         query = query.where(key < page.after if descending else key > page.after)
+    if views:
+        found = as_views(session.execute(query))
+        more = len(found) > page.limit
+        found = found[: page.limit]
+        return Page(found, found[-1][key.key] if more else None)
     # unique(): ORM objects with joined eager loads come once per row of theirs
-    found = list(session.execute(query)) if rows else list(session.scalars(query).unique())
+    found = list(session.scalars(query).unique())
     more = len(found) > page.limit
     found = found[: page.limit]
     return Page(found, getattr(found[-1], key.key) if more else None)
+
+
+def as_views(result: Any) -> list[dict[str, Any]]:
+    """The rows of a Core result as dicts by column name: what the API's reads dump. A Row's attributes cost about
+    0.45 us each to read (a lookup by name behind a failed attribute lookup), 1.1 ms for a page of 100 jobs; a
+    dict built once per row costs a tenth of that."""
+    keys = tuple(result.keys())
+    return [dict(zip(keys, row)) for row in result]
+
+
+def object_view(query: Any, obj: Any) -> dict[str, Any]:
+    """An ORM object as the view `query` (a Core SELECT of its columns, by the same names) would give it."""
+    return {key: getattr(obj, key) for key in query.selected_columns.keys()}
 
 
 def encode_cursor(key: Any) -> str:

@@ -6,7 +6,6 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.engine import Row
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -20,7 +19,7 @@ from ..models import lifecycle as lc
 from ..models.base import utcnow
 from ..models.lifecycle import JobStateMachine
 from ..models.work_queue import EXTRACT, STEP_KINDS, WATCH_RUN, WorkQueue
-from .pagination import Page, PageRequest, keyset_page
+from .pagination import Page, PageRequest, as_views, keyset_page, object_view
 from .run_logs import LogPiece, read_run_log, run_log_to_keep
 
 if TYPE_CHECKING:
@@ -50,6 +49,12 @@ JOB_VIEW = select(
 ).select_from(_JOBS.join(_MODELS, _JOBS.c.model_id == _MODELS.c.id))
 _VIEW_OF_JOB = JOB_VIEW.where(_JOBS.c.id == bindparam("job_id"))
 _STEPS_OF_JOB = select(_JOBS.c.steps_state).where(_JOBS.c.id == bindparam("job_id"))
+
+
+def job_view(job: TrainingJob) -> dict[str, Any]:
+    """A TrainingJob as its view (JOB_VIEW's columns by name; TrainingJob has them all): what the create answers,
+    without a second query."""
+    return object_view(JOB_VIEW, job)
 
 
 def artifact_version(training_number: int) -> str:
@@ -226,12 +231,12 @@ class TrainingJobService:
             raise NotFound(f"Training job {job_id} does not exist")
         return job
 
-    def view(self, job_id: int) -> Row[Any]:
-        """The job as a JOB_VIEW row, or NotFound."""
-        row = self.session.execute(_VIEW_OF_JOB, {"job_id": job_id}).first() if 0 < job_id <= MAX_ID else None
-        if row is None:
+    def view(self, job_id: int) -> dict[str, Any]:
+        """The job's view (JOB_VIEW's columns by name), or NotFound."""
+        found = as_views(self.session.execute(_VIEW_OF_JOB, {"job_id": job_id})) if 0 < job_id <= MAX_ID else None
+        if not found:
             raise NotFound(f"Training job {job_id} does not exist")
-        return row
+        return found[0]
 
     def steps_state(self, job_id: int) -> dict[str, str]:
         """The job's steps_state, or NotFound."""
@@ -241,12 +246,13 @@ class TrainingJobService:
         return steps
 
     def views(self, page: PageRequest, *, modelname: str | None = None, modelversion: str | None = None
-              ) -> Page[Row[Any]]:
-        """JOB_VIEW rows, newest first, keyset-paged by id (what list() gives, without ORM objects)."""
+              ) -> Page[dict[str, Any]]:
+        """Views of jobs (JOB_VIEW's columns by name), newest first, keyset-paged by id (what list() gives, without
+        ORM objects)."""
         query = JOB_VIEW
         if modelname is not None:
             query = query.where(_MODELS.c.modelname == modelname, _MODELS.c.modelversion == modelversion)
-        return keyset_page(self.session, query, _JOBS.c.id, page, descending=True, rows=True)
+        return keyset_page(self.session, query, _JOBS.c.id, page, descending=True, views=True)
 
     def list(self, page: PageRequest, *, modelname: str | None = None, modelversion: str | None = None
              ) -> Page[TrainingJob]:
