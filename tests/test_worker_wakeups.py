@@ -181,3 +181,28 @@ def test_an_item_a_claim_could_not_take_is_tried_again_a_poll_later(app):
         pool.wake_all()
         for thread in threads:
             thread.join(10)
+
+
+def test_an_error_that_comes_back_at_once_does_not_spin_the_thread(build_app, monkeypatch, backend):
+    """A bug that fails every claim (not the database: that backs off) pauses the thread briefly between tries,
+    and the thread keeps trying."""
+    app = build_app(worker_threads=1, notify_threads=1)
+    claims: list[float] = []
+
+    def claim(self, *args, **kwargs):
+        if threading.current_thread().name == "tm-worker-0":
+            claims.append(time.monotonic())
+        raise ValueError("a bug in the claim")
+
+    monkeypatch.setattr(WorkQueue, "claim", claim)
+    worker = app.extensions["trainingmgr"].start_worker(app)
+    try:
+        assert until(lambda: len(claims) >= 3, 30, 0.05), "the thread stopped trying"
+        tries = len(claims)
+        time.sleep(1.0)
+        # Without the pause, a failing claim on SQLite is tried some thousand times a second.
+        assert len(claims) - tries <= 1.0 / runner.ERROR_PAUSE_SECONDS + 2
+        gaps = [later - earlier for earlier, later in zip(claims, claims[1:])]
+        assert min(gaps) >= runner.ERROR_PAUSE_SECONDS * 0.9
+    finally:
+        worker.stop()

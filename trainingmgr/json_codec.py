@@ -31,17 +31,18 @@ class FastJSONProvider(DefaultJSONProvider):
         # Flask's answers ask for compact separators, which is what orjson writes; other options: as Flask does it.
         if self.sort_keys or any(value != _COMPACT.get(key) for key, value in kwargs.items()):
             return super().dumps(obj, **kwargs)
-        return self._compact_bytes(obj, 0).decode()
+        return self.compact_bytes(obj).decode()
 
     def response(self, *args: Any, **kwargs: Any) -> Response:
         """Flask's JSON answer (compact unless debugging, a trailing newline), with the bytes orjson writes as the
         body: a 200 KB job list is not decoded to a str and encoded back."""
         if self.sort_keys or self.compact is False or (self.compact is None and self._app.debug):
             return super().response(*args, **kwargs)
-        body = self._compact_bytes(self._prepare_response_obj(args, kwargs), orjson.OPT_APPEND_NEWLINE)
+        body = self.compact_bytes(self._prepare_response_obj(args, kwargs), orjson.OPT_APPEND_NEWLINE)
         return self._app.response_class(body, mimetype=self.mimetype)
 
-    def _compact_bytes(self, obj: Any, option: int) -> bytes:
+    def compact_bytes(self, obj: Any, option: int = 0) -> bytes:
+        """`obj` as compact JSON in UTF-8, as the answers have it."""
         try:
             return orjson.dumps(obj, default=self.default, option=_OPTIONS | option)
         except TypeError:  # beyond orjson (an integer beyond 64 bits ...): the standard library's answer

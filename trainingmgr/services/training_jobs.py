@@ -245,14 +245,22 @@ class TrainingJobService:
             raise NotFound(f"Training job {job_id} does not exist")
         return steps
 
-    def views(self, page: PageRequest, *, modelname: str | None = None, modelversion: str | None = None
-              ) -> Page[dict[str, Any]]:
-        """Views of jobs (JOB_VIEW's columns by name), newest first, keyset-paged by id (what list() gives, without
-        ORM objects)."""
-        query = JOB_VIEW
+    def versions(self, page: PageRequest, *, modelname: str | None = None, modelversion: str | None = None
+                 ) -> Page[dict[str, Any]]:
+        """The id and updated_at of jobs, newest first, keyset-paged by id: a list's page before its jobs are read.
+        Every change of a job's view moves its updated_at (the model's name and version, in the view too, never
+        change), so what was rendered of a job serves while its updated_at is this one."""
+        query = select(_JOBS.c.id, _JOBS.c.updated_at)
         if modelname is not None:
-            query = query.where(_MODELS.c.modelname == modelname, _MODELS.c.modelversion == modelversion)
+            query = query.join(_MODELS, _JOBS.c.model_id == _MODELS.c.id).where(
+                _MODELS.c.modelname == modelname, _MODELS.c.modelversion == modelversion)
         return keyset_page(self.session, query, _JOBS.c.id, page, descending=True, views=True)
+
+    def views_of(self, job_ids: list[int]) -> dict[int, dict[str, Any]]:
+        """The views of these jobs (JOB_VIEW's columns by name) by id; a job deleted meanwhile is absent."""
+        if not job_ids:
+            return {}
+        return {view["id"]: view for view in as_views(self.session.execute(JOB_VIEW.where(_JOBS.c.id.in_(job_ids))))}
 
     def list(self, page: PageRequest, *, modelname: str | None = None, modelversion: str | None = None
              ) -> Page[TrainingJob]:

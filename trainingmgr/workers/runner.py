@@ -38,6 +38,7 @@ NOTIFY_KINDS = (NOTIFY,)
 OUTAGE_FIRST_DELAY = 0.5  # seconds a thread waits after its first failure to reach the database
 OUTAGE_MAX_DELAY = 30.0  # ... doubling up to this
 OUTAGE_LOG_INTERVAL = 60.0  # at most one "still unreachable" line per this many seconds
+ERROR_PAUSE_SECONDS = 0.2  # after an error that is not the database's: a bug must not spin a thread
 RUNG = "rung"  # what _idle returns when the thread claims to answer a ring
 
 
@@ -282,6 +283,7 @@ class Worker:
         in_flight: ClaimInFlight | None = None  # when claim_now came from _idle
         cut_forgiven = False  # one cut connection is tried again at once, unlogged (pools do not pre-ping)
         while not self._stop.is_set():
+            failed = False  # an error that is not the database's (a bug): a short pause before the next look
             with self.app.app_context():
                 try:
                     # After a step the thread goes idle too: the watcher looks (the step nudged it) and claims.
@@ -304,10 +306,14 @@ class Worker:
                         outage_delay = next_outage_delay(outage_delay)
                         self.outage.failed(e, outage_delay)
                     else:
-                        outage_delay = 0.0
+                        outage_delay, failed = 0.0, True
                         log.exception("work item failed", extra={"worker": owner})
                 finally:
                     _remove_quietly()
+            if failed:
+                # The failed item waits for its lease to end; an error that comes back at once (before any claim)
+                # would otherwise spin this thread, and the log, at full speed.
+                self._stop.wait(ERROR_PAUSE_SECONDS)
             if outage_delay:
                 # New work queued by this process (a ring) means the database answered it: look again at once.
                 with pool.lock:
