@@ -29,12 +29,21 @@ class RenderedJobs:
         self._lock = threading.Lock()  # gunicorn's threads share it
 
     def get(self, job_id: int, version: Any) -> bytes | None:
+        return self.get_many([(job_id, version)])[0]
+
+    def get_many(self, wanted: list[tuple[int, Any]]) -> list[bytes | None]:
+        """The JSON of each (job id, version) kept, None where none is kept for that version."""
+        found: list[bytes | None] = []
         with self._lock:
-            entry = self._entries.get(job_id)
-            if entry is None or entry[0] != version:
-                return None
-            self._entries.move_to_end(job_id)
-            return entry[1]
+            entries = self._entries
+            for job_id, version in wanted:
+                entry = entries.get(job_id)
+                if entry is None or entry[0] != version:
+                    found.append(None)
+                else:
+                    entries.move_to_end(job_id)
+                    found.append(entry[1])
+        return found
 
     def put(self, job_id: int, version: Any, body: bytes) -> None:
         with self._lock:
@@ -62,7 +71,7 @@ def job_list_body(versions: list[dict[str, Any]], prefix: str,
     rendered before for its updated_at and `prefix`, else its view read (all missing ones at once: `read_views`)
     and rendered (`render`). A job deleted since the page was read is left out."""
     cache = rendered_jobs()
-    bodies: list[bytes | None] = [cache.get(v["id"], (v["updated_at"], prefix)) for v in versions]
+    bodies = cache.get_many([(v["id"], (v["updated_at"], prefix)) for v in versions])
     missing = [v["id"] for v, body in zip(versions, bodies) if body is None]
     if missing:
         views = read_views(missing)
