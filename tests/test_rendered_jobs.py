@@ -88,16 +88,48 @@ def test_a_job_rendered_under_another_path_prefix_is_rendered_again(setup, app):
     assert listed(client)[0] == plain
 
 
-def test_rendered_jobs_are_bounded_least_recently_used_first_out():
-    cache = RenderedJobs(capacity=3)
+def test_rendered_jobs_are_bounded_in_bytes_least_recently_used_first_out():
+    cache = RenderedJobs(max_bytes=3, max_job_bytes=2)
     for job_id in (1, 2, 3):
         cache.put(job_id, ("v", ""), b"%d" % job_id)
     assert cache.get(1, ("v", "")) == b"1"  # 1 is now the most recently used
     cache.put(4, ("v", ""), b"4")
-    assert len(cache) == 3
+    assert (len(cache), cache.bytes) == (3, 3)
     assert cache.get(2, ("v", "")) is None, "the least recently used went"
     assert [cache.get(job_id, ("v", "")) for job_id in (1, 3, 4)] == [b"1", b"3", b"4"]
     assert cache.get(1, ("w", "")) is None, "another version is not served"
+    cache.put(5, ("v", ""), b"55")  # two bytes: two of the others go
+    assert (len(cache), cache.bytes) == (2, 3) and cache.get(5, ("v", "")) == b"55"
+    cache.put(5, ("w", ""), b"555")  # larger than a job may be: not kept, and the older rendering goes too
+    assert cache.get(5, ("w", "")) is None and cache.get(5, ("v", "")) is None and cache.bytes == 1
+
+
+def test_a_rendering_serves_its_max_age_at_most():
+    now = [1000.0]
+    cache = RenderedJobs(max_age=60, clock=lambda: now[0])
+    cache.put(1, "v", b"{}")
+    now[0] += 59
+    assert cache.get(1, "v") == b"{}"
+    now[0] += 2
+    assert cache.get(1, "v") is None
+
+
+def test_a_change_written_outside_the_service_is_listed_after_the_max_age(setup, app):
+    """An operator's SQL that leaves updated_at as it was: GET shows it at once, the list within MAX_AGE."""
+    from sqlalchemy import text
+
+    client = setup
+    job_id = client.post(JOBS, json=job_request()).get_json()["id"]
+    assert listed(client)[0]["failure_reason"] == ""
+    with app.app_context():
+        db.session.execute(text("UPDATE training_jobs SET failure_reason = 'fixed by hand' WHERE id = :id"),
+                           {"id": job_id})
+        db.session.commit()
+    assert client.get(f"{JOBS}/{job_id}").get_json()["failure_reason"] == "fixed by hand"
+    cache = rendered_of(app)
+    real_clock = cache.clock
+    cache.clock = lambda: real_clock() + cache.max_age + 1
+    assert listed(client)[0]["failure_reason"] == "fixed by hand"
 
 
 def test_a_job_that_changes_while_its_page_is_read_is_kept_under_its_own_version(setup, app):

@@ -4,8 +4,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from types import FunctionType
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from flask import Flask, g, has_app_context, has_request_context, request
 from sqlalchemy import event
@@ -193,22 +192,6 @@ def _ping(dbapi_connection: Any) -> None:
 
 class TrainingManagerApp(Flask):
     json_provider_class = FastJSONProvider
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._sync_functions: dict[Callable[..., Any], Callable[..., Any]] = {}
-
-    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
-        """Flask's, remembered per function: Flask asks inspect whether each view and request hook is a coroutine
-        function on every request (ten times for a GET), a twentieth of a small read's CPU. Only plain functions
-        are remembered (a bound method is a new object each time)."""
-        try:
-            return self._sync_functions[func]
-        except (KeyError, TypeError):  # TypeError: an unhashable callable
-            sync = super().ensure_sync(func)
-            if isinstance(func, FunctionType):
-                self._sync_functions[func] = sync
-            return sync
 
     def dispatch_request(self) -> Any:
         """A read whose pooled connection turns out to be cut (the database restarted, a proxy or
