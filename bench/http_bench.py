@@ -584,7 +584,7 @@ def random_pages_name(jobs: int) -> str:
 
 def random_pages(loaded: Loaded, count: int = 500) -> tuple[str, ...]:
     """Default pages (100 jobs) that start after a random job: across 10,000 jobs most of their jobs are not among
-    those a web process last rendered (api/rendered_jobs.py keeps 4 MB, ~1,700 jobs), so most are rendered anew."""
+    those a web process last rendered (api/rendered_jobs.py keeps 2 MB, ~850 jobs), so most are rendered anew."""
     from trainingmgr.services.pagination import encode_cursor
 
     rng = random.Random(loaded.jobs)

@@ -18,7 +18,7 @@ from flask import Flask, current_app
 
 # What a process keeps: the JSON of its last-rendered jobs up to this many bytes (a job is ~2 KB; a client's
 # training_config may make one far larger: such a job is rendered each time rather than kept).
-MAX_BYTES = 4 * 1024 * 1024
+MAX_BYTES = 2 * 1024 * 1024
 MAX_JOB_BYTES = 64 * 1024
 # Seconds a rendering serves at most: a change written outside the service (an operator's SQL) that leaves
 # updated_at as it was is shown after this long, not never.
