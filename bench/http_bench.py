@@ -276,7 +276,7 @@ def job_rows(count: int, model_id: int, fg_id: int) -> list[dict[str, Any]]:
         step_times = {}
         for step, begin, end in zip(lc.STEPS, moments, moments[1:]):
             step_times[step] = {"started_at": begin.isoformat(), "ended_at": end.isoformat(),
-                                "seconds": round((end - begin).total_seconds(), 3)}
+                                "seconds": lc.step_seconds(begin.isoformat(), end.isoformat())}
         rows.append({
             "model_id": model_id, "feature_group_id": fg_id, "artifact_version": artifact,
             "is_retraining": i > 0, "training_config": training_config(i),

@@ -64,17 +64,12 @@ def test_the_watch_passes_on_past_a_thread_backing_off(app):
             seen = pool.signals
             pool.backoff.wait_for(lambda: pool.signals != seen or worker._stop.is_set(), 15)
 
-    def idle(name: str) -> None:
-        returned[name] = worker._idle(pool, claimed_nothing=False)
-
     threads = [threading.Thread(target=back_off, name="backing-off")]
     threads[0].start()
     time.sleep(0.2)
-    threads.append(threading.Thread(target=idle, args=("first-watcher",), name="first-watcher"))
-    threads[-1].start()
+    threads.append(_play_watcher(worker, pool, "first-watcher", returned))
     time.sleep(0.2)
-    threads.append(threading.Thread(target=idle, args=("next",), name="next"))
-    threads[-1].start()
+    threads.append(_play_watcher(worker, pool, "next", returned))
     try:
         # The first watcher's item comes due after 1 s: it leaves to claim it, and the watch passes on. Its claim
         # (played here) ends: until then the new watcher does not look (a look would send it after the same item).
@@ -89,10 +84,7 @@ def test_the_watch_passes_on_past_a_thread_backing_off(app):
         pool.nudge()
         assert until(lambda: peeks.count("next") > before, 10, 0.05), "the new watcher did not look when nudged"
     finally:
-        worker._stop.set()
-        pool.wake_all()
-        for t in threads:
-            t.join(10)
+        _stop_playing(worker, pool, threads)
 
 
 def test_work_due_soon_from_another_process_is_taken_when_due(build_app, settings, sqlite_only):
@@ -133,6 +125,13 @@ def _play_watcher(worker, pool, name: str, returned: dict) -> threading.Thread:
     return thread
 
 
+def _stop_playing(worker, pool, threads: list[threading.Thread]) -> None:
+    worker._stop.set()
+    pool.wake_all()
+    for thread in threads:
+        thread.join(10)
+
+
 def test_a_stuck_claim_holds_the_next_look_back_a_poll_at_most(app):
     """A claim on a connection that died without a word may hang for minutes: the watcher after it waits for
     its answer no longer than a poll, not an idle poll, before it looks."""
@@ -150,9 +149,7 @@ def test_a_stuck_claim_holds_the_next_look_back_a_poll_at_most(app):
         assert until(lambda: peeks, 10, 0.05), "the watcher waited for the stuck claim"
         assert peeks[0] - started < 5
     finally:
-        worker._stop.set()
-        pool.wake_all()
-        thread.join(10)
+        _stop_playing(worker, pool, [thread])
 
 
 def test_an_item_a_claim_could_not_take_is_tried_again_a_poll_later(app):
@@ -177,10 +174,7 @@ def test_an_item_a_claim_could_not_take_is_tried_again_a_poll_later(app):
         assert returned["next"] is True and returned["next at"] - ended_at >= 0.9, \
             "claimed again at once after an empty claim"
     finally:
-        worker._stop.set()
-        pool.wake_all()
-        for thread in threads:
-            thread.join(10)
+        _stop_playing(worker, pool, threads)
 
 
 def test_an_error_that_comes_back_at_once_does_not_spin_the_thread(build_app, monkeypatch, backend):

@@ -369,7 +369,7 @@ class RequestBufferingWorker(ThreadWorker):
     def handle(self, conn: Any) -> Any:
         data = conn.__dict__.pop("tm_prebuffered", None)
         if data is not None:
-            conn.init()  # sets the socket blocking again (gunicorn's handle does too)
+            conn.init()  # (gunicorn's handle sets the socket blocking again)
             conn.parser.unreader.unread(data)
         try:
             return super().handle(conn)

@@ -83,10 +83,10 @@ def _job_list(**model: str):
     service = services().training_jobs()
     page = service.versions(page_req, **model)
     metrics_prefix = _metrics_prefix()
-    json = current_app.json
+    provider = current_app.json
     body = job_list_body(page.items, metrics_prefix, service.views_of,
-                         lambda view: json.compact_bytes(_dump(view, metrics_prefix)))
-    return current_app.response_class(body, mimetype=json.mimetype), 200, next_link(page, page_req.limit)
+                         lambda view: provider.compact_bytes(_dump(view, metrics_prefix)))
+    return current_app.response_class(body, mimetype=provider.mimetype), 200, next_link(page, page_req.limit)
 
 
 @bp.get(f"{V1}/<int:training_job_id>")

@@ -37,16 +37,12 @@ def keyset_page(session: Any, query: Any, key: Any, page: PageRequest, *, descen
     query = query.order_by(key.desc() if descending else key).limit(page.limit + 1)
     if page.after is not None:
         query = query.where(key < page.after if descending else key > page.after)
-    if views:
-        found = as_views(session.execute(query))
-        more = len(found) > page.limit
-        found = found[: page.limit]
-        return Page(found, found[-1][key.key] if more else None)
     # unique(): ORM objects with joined eager loads come once per row of theirs
-    found = list(session.scalars(query).unique())
-    more = len(found) > page.limit
-    found = found[: page.limit]
-    return Page(found, getattr(found[-1], key.key) if more else None)
+    found = as_views(session.execute(query)) if views else list(session.scalars(query).unique())
+    if len(found) <= page.limit:
+        return Page(found)
+    last = found[page.limit - 1]
+    return Page(found[: page.limit], last[key.key] if views else getattr(last, key.key))
 
 
 def as_views(result: Any) -> list[dict[str, Any]]:

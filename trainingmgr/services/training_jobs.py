@@ -258,8 +258,6 @@ class TrainingJobService:
 
     def views_of(self, job_ids: list[int]) -> dict[int, dict[str, Any]]:
         """The views of these jobs (JOB_VIEW's columns by name) by id; a job deleted meanwhile is absent."""
-        if not job_ids:
-            return {}
         return {view["id"]: view for view in as_views(self.session.execute(JOB_VIEW.where(_JOBS.c.id.in_(job_ids))))}
 
     def list(self, page: PageRequest, *, modelname: str | None = None, modelversion: str | None = None
